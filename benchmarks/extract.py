@@ -1,0 +1,467 @@
+"""How fast is ``tlp extract`` compared with its limit and with the script users write instead?
+
+One process measures, on the same few hundred generated JPEG photos (about 500x375,
+ImageFolder layout) with the default model ``efficientnet_lite0`` at 224 pixels:
+
+bare forward (the limit)
+    The tap extractor built exactly as tlp builds it, fed pre-decoded, pre-normalised
+    tensors already in memory (batch 64, ``torch.inference_mode``), for every
+    precision/layout combination this CPU can run (fp32, bf16 where native) x (NCHW,
+    channels_last). The best is the limit: no decoding, no pooling, no I/O.
+naive script
+    What the PyTorch tutorials lead to: ``ImageFolder`` + ``Resize(256, bicubic)``,
+    ``CenterCrop(224)``, ``ToTensor``, ``Normalize``; a default ``DataLoader`` (no
+    workers), fp32, NCHW, forward hooks on the three tapped modules, global average
+    pooling, ``np.save``.
+tlp cold
+    ``pipeline.extract`` into a fresh cache directory with default settings, end to end
+    (scan and hash every file, build the model, decode, forward, write HDF5).
+tlp warm
+    The same call again: a cache hit that must run zero forward passes.
+
+Targets: cold reaches >= 0.85x the limit and >= 3x the naive script; warm takes <= 5%
+of cold. A profile of tlp's per-image stages (decode, resize, normalise, forward) is
+recorded too, so a missed target points at its cause.
+
+Fairness: every file is read once before timing (page cache warm); naive and tlp run
+on the same files after the same warm-up of the model's kernels; tlp's in-process memos
+(layer presets, weights sha256) are cleared before each tlp call so that each call
+pays what a fresh ``tlp extract`` process pays.
+
+Run: ``python benchmarks/extract.py --json benchmarks/results/extract.json``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance, ImageOps
+
+import pipeline
+from pipeline import layers as tlp_layers
+from pipeline import models as tlp_models
+from pipeline.device import autocast, cpu_has_native_bf16, resolve_device, resolve_precision
+from pipeline.extract import default_workers
+from pipeline.images import decode_image
+from pipeline.preprocess import normalize, resize_and_crop
+
+MODEL = "efficientnet_lite0"
+LAYERS = ("early", "mid", "late")
+BATCH_SIZE = 64  # tlp's default, and the naive script's
+TARGETS = {
+    "cold_vs_limit_at_least": 0.85,
+    "cold_vs_naive_at_least": 3.0,
+    "warm_vs_cold_at_most": 0.05,
+}
+LANDSCAPE, PORTRAIT = (500, 375), (375, 500)
+JPEG_QUALITY = 90
+
+
+# ----------------------------------------------------------------------------- data
+def _source_photos() -> list[Image.Image]:
+    from sklearn.datasets import load_sample_image
+
+    return [Image.fromarray(load_sample_image(name)) for name in ("china.jpg", "flower.jpg")]
+
+
+def _photo(rng: np.random.Generator, sources: list[Image.Image], size: tuple[int, int]) -> Image.Image:
+    """A random crop of a sample photo, scaled to ``size``, maybe mirrored, colour-jittered."""
+    source = sources[rng.integers(len(sources))]
+    width, height = size
+    aspect = width / height
+    crop_h = rng.uniform(0.45, 1.0) * min(source.height, source.width / aspect)
+    crop_w = crop_h * aspect
+    left = rng.uniform(0, source.width - crop_w)
+    top = rng.uniform(0, source.height - crop_h)
+    image = source.resize(size, Image.BICUBIC, box=(left, top, left + crop_w, top + crop_h))
+    if rng.random() < 0.5:
+        image = ImageOps.mirror(image)
+    for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        image = enhancer(image).enhance(rng.uniform(0.7, 1.3))
+    return image
+
+
+def make_images(root: Path, n_images: int, n_classes: int, seed: int) -> list[Path]:
+    """Write ``n_images`` JPEGs as ``root/class<k>/<i>.jpg``; every fifth is portrait.
+
+    Natural content matters: random noise compresses badly and decodes several times
+    slower than a photo of the same size, which would flatter any pipeline that
+    overlaps decoding with the forward pass.
+    """
+    rng = np.random.default_rng(seed)
+    sources = _source_photos()
+    paths = []
+    for i in range(n_images):
+        folder = root / f"class{i % n_classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{i:05d}.jpg"
+        size = PORTRAIT if i % 5 == 4 else LANDSCAPE
+        _photo(rng, sources, size).save(path, format="JPEG", quality=JPEG_QUALITY)
+        paths.append(path)
+    return paths
+
+
+def read_all(paths: list[Path]) -> list[bytes]:
+    """Read every file once, so no timed run pays for the disk."""
+    return [path.read_bytes() for path in paths]
+
+
+# ----------------------------------------------------------------------------- profile
+@dataclass
+class DecodeProfile:
+    pixels: torch.Tensor  # uint8 (N, 3, crop, crop)
+    decode_s: list[float]  # per image: bytes -> RGB PIL image (tlp's decode_image)
+    resize_s: list[float]  # per image: resize + centre crop (tlp's resize_and_crop)
+
+
+def decode_profile(blobs: list[bytes], prep) -> DecodeProfile:
+    """Decode and resize every image with tlp's own functions, timing each step per image."""
+    decode_s, resize_s, tensors = [], [], []
+    for i, data in enumerate(blobs):
+        start = time.perf_counter()
+        image = decode_image(data, f"image-{i}")
+        middle = time.perf_counter()
+        tensors.append(resize_and_crop(image, prep))
+        end = time.perf_counter()
+        decode_s.append(middle - start)
+        resize_s.append(end - middle)
+    return DecodeProfile(torch.stack(tensors), decode_s, resize_s)
+
+
+def time_normalize(pixels: torch.Tensor, prep) -> tuple[torch.Tensor, float]:
+    """tlp's ``normalize`` over all batches; returns (channels_last float32 inputs, seconds)."""
+    start = time.perf_counter()
+    batches = [normalize(pixels[i:i + BATCH_SIZE], prep) for i in range(0, len(pixels), BATCH_SIZE)]
+    return torch.cat(batches).contiguous(memory_format=torch.channels_last), time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- bare forward
+def build_extractor(spec, taps, layout: str) -> torch.nn.Module:
+    """The tap extractor exactly as tlp builds it, in the requested memory layout."""
+    extractor = tlp_layers.build_tap_extractor(spec, spec.build(), taps)
+    if layout == "channels_last":
+        extractor = extractor.to(memory_format=torch.channels_last)
+    return extractor
+
+
+def _forward_all(extractor, inputs: torch.Tensor, device: torch.device, precision: str) -> None:
+    with torch.inference_mode(), autocast(device, precision):
+        for start in range(0, len(inputs), BATCH_SIZE):
+            extractor(inputs[start:start + BATCH_SIZE])
+
+
+def time_forward(extractor, inputs, device, precision: str, repeats: int) -> list[float]:
+    """Seconds for one pass over all inputs, ``repeats`` times, after a two-batch warm-up."""
+    _forward_all(extractor, inputs[: 2 * BATCH_SIZE], device, precision)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _forward_all(extractor, inputs, device, precision)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def bare_forward(spec, taps, inputs_cl: torch.Tensor, repeats: int) -> dict[str, dict]:
+    """Every precision x layout variant this CPU runs natively -> timing summary."""
+    device = torch.device("cpu")
+    precisions = ["fp32"] + (["bf16"] if cpu_has_native_bf16() else [])
+    layouts = {"nchw": inputs_cl.contiguous(), "channels_last": inputs_cl}
+    variants = {}
+    for layout, inputs in layouts.items():
+        extractor = build_extractor(spec, taps, layout)
+        for precision in precisions:
+            seconds = time_forward(extractor, inputs, device, precision, repeats)
+            median = statistics.median(seconds)
+            variants[f"{precision}/{layout}"] = {
+                "precision": precision,
+                "layout": layout,
+                "seconds": [round(s, 4) for s in seconds],
+                "median_seconds": round(median, 4),
+                "images_per_s": round(len(inputs) / median, 2),
+            }
+    return variants
+
+
+# ----------------------------------------------------------------------------- naive script
+def run_naive(root: Path, spec, taps, out_dir: Path) -> tuple[float, dict[str, np.ndarray], list[str]]:
+    """The tutorial script, timed from model construction to the last ``np.save``.
+
+    Returns (seconds, {tap name: (N, C) features}, relative paths in row order).
+    """
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    start = time.perf_counter()
+    model = spec.build()  # the same timm network and weights tlp uses
+    transform = transforms.Compose([
+        transforms.Resize(256, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(224),
+        transforms.ToTensor(),
+        transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    ])
+    dataset = datasets.ImageFolder(str(root), transform=transform)
+    loader = DataLoader(dataset, batch_size=BATCH_SIZE)
+    features: dict[str, list[np.ndarray]] = {tap.name: [] for tap in taps}
+    hooks = []
+    for tap in taps:
+        def keep(_module, _inputs, output, _name=tap.name):
+            features[_name].append(output.mean(dim=(2, 3)).numpy())
+
+        hooks.append(model.get_submodule(tap.node).register_forward_hook(keep))
+    with torch.no_grad():
+        for images, _labels in loader:
+            model(images)
+    for hook in hooks:
+        hook.remove()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stacked = {name: np.concatenate(parts) for name, parts in features.items()}
+    for name, values in stacked.items():
+        np.save(out_dir / f"{name}.npy", values)
+    seconds = time.perf_counter() - start
+    paths = [Path(path).relative_to(root).as_posix() for path, _ in dataset.samples]
+    return seconds, stacked, paths
+
+
+# ----------------------------------------------------------------------------- tlp
+def _forget_process_memos() -> None:
+    """Clear tlp's in-process memos so a call pays what a fresh ``tlp extract`` pays."""
+    tlp_layers._preset_nodes.cache_clear()
+    tlp_models._file_sha256.cache_clear()
+
+
+def run_tlp(root: Path, cache_dir: Path):
+    """One ``pipeline.extract`` call with default settings; returns (seconds, result)."""
+    _forget_process_memos()
+    start = time.perf_counter()
+    result = pipeline.extract(str(root), cache_dir=str(cache_dir), layers=LAYERS, progress=False)
+    return time.perf_counter() - start, result
+
+
+def agreement(naive: dict[str, np.ndarray], naive_paths: list[str], result) -> dict[str, float]:
+    """Lowest per-image cosine similarity between naive (fp32) and tlp features, per layer.
+
+    Checks that both measure the same computation; tlp differs only by precision,
+    float16 storage and its one-step resize.
+    """
+    with pipeline.FeatureFile(result.path) as cached:
+        row = {path: i for i, path in enumerate(cached.paths)}
+        order = [row[path] for path in naive_paths]
+        lowest = {}
+        for name, ours in naive.items():
+            theirs = cached.load(name)[order]
+            cosine = (ours * theirs).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1))
+            lowest[name] = round(float(cosine.min()), 5)
+    return lowest
+
+
+# ----------------------------------------------------------------------------- report
+def _ms(seconds: float, n: int) -> float:
+    return round(1000.0 * seconds / n, 3)
+
+
+def build_report(args, n, profile, normalize_s, variants, naive_s, cold_runs, warm_runs, cosine, load) -> dict:
+    bare_best = max(variants.values(), key=lambda v: v["images_per_s"])
+    cold_s = statistics.median(s for s, _ in cold_runs)
+    cold_result = min(cold_runs, key=lambda run: abs(run[0] - cold_s))[1]
+    warm_s = statistics.median(s for s, _ in warm_runs)
+    naive_med = statistics.median(naive_s)
+    cold_ips, naive_ips = n / cold_s, n / naive_med
+    bare_ips = bare_best["images_per_s"]
+    precision = resolve_precision("auto", resolve_device("auto"))
+    tlp_variant = variants[f"{precision}/channels_last"]
+    ratios = {
+        "ratio_cold_vs_limit": round(cold_ips / bare_ips, 3),
+        "ratio_cold_vs_naive": round(cold_ips / naive_ips, 3),
+        "ratio_warm_vs_cold": round(warm_s / cold_s, 4),
+    }
+    decode_ms = _ms(sum(profile.decode_s), n)
+    resize_ms = _ms(sum(profile.resize_s), n)
+    normalize_ms = _ms(normalize_s, n)
+    forward_ms = _ms(tlp_variant["median_seconds"], n)
+    import torchvision
+
+    return {
+        "bare_forward_images_per_s": bare_ips,
+        "bare_forward_best_variant": f"{bare_best['precision']}/{bare_best['layout']}",
+        "bare_forward_variants": variants,
+        "tlp_cold_seconds": round(cold_s, 3),
+        "tlp_cold_images_per_s": round(cold_ips, 2),
+        "tlp_cold_runs_seconds": [round(s, 3) for s, _ in cold_runs],
+        "tlp_cold_timings": {k: round(v, 4) for k, v in cold_result.timings.items()},
+        "tlp_cold_precision": cold_result.precision,
+        "naive_seconds": round(naive_med, 3),
+        "naive_images_per_s": round(naive_ips, 2),
+        "naive_runs_seconds": [round(s, 3) for s in naive_s],
+        "tlp_warm_seconds": round(warm_s, 4),
+        "tlp_warm_runs_seconds": [round(s, 4) for s, _ in warm_runs],
+        "tlp_warm_timings": {k: round(v, 4) for k, v in warm_runs[-1][1].timings.items()},
+        "n_extracted_warm": warm_runs[-1][1].n_extracted,
+        **ratios,
+        "targets": TARGETS,
+        "targets_met": {
+            "cold_vs_limit": ratios["ratio_cold_vs_limit"] >= TARGETS["cold_vs_limit_at_least"],
+            "cold_vs_naive": ratios["ratio_cold_vs_naive"] >= TARGETS["cold_vs_naive_at_least"],
+            "warm_vs_cold": ratios["ratio_warm_vs_cold"] <= TARGETS["warm_vs_cold_at_most"],
+        },
+        "profile_ms_per_image": {
+            "decode": decode_ms,
+            "resize_crop": resize_ms,
+            "normalize": normalize_ms,
+            "forward_tlp_config": forward_ms,
+            "serial_sum": round(decode_ms + resize_ms + normalize_ms + forward_ms, 3),
+            "tlp_cold": _ms(cold_s, n),
+            "tlp_cold_outside_forward_loop": _ms(cold_s - cold_result.timings.get("forward_seconds", 0.0), n),
+        },
+        "naive_vs_tlp_min_cosine": cosine,
+        "settings": {
+            "model": MODEL,
+            "image_size": 224,
+            "layers": list(LAYERS),
+            "batch_size": BATCH_SIZE,
+            "n_images": n,
+            "portrait_fraction": 0.2,
+            "jpeg_quality": JPEG_QUALITY,
+            "seed": args.seed,
+            "repeats": args.repeats,
+            "bare_repeats": args.bare_repeats,
+            "warm_repeats": args.warm_repeats,
+            "statistic": "median",
+        },
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "python": platform.python_version(),
+            "cpu_has_native_bf16": cpu_has_native_bf16(),
+            "resolved_precision": precision,
+            "tlp_default_workers": default_workers(),
+            # 1-minute load average before and after; above ~0.5 other processes shared the CPU.
+            "loadavg_1min_before": load[0],
+            "loadavg_1min_after": load[1],
+        },
+    }
+
+
+def format_table(report: dict) -> str:
+    n = report["settings"]["n_images"]
+    met = report["targets_met"]
+    rows = [("measurement", "seconds", "images/s", "vs limit")]
+    bare = report["bare_forward_images_per_s"]
+    for name, variant in report["bare_forward_variants"].items():
+        rows.append((f"bare forward {name}", f"{variant['median_seconds']:.2f}", f"{variant['images_per_s']:.1f}",
+                     f"{variant['images_per_s'] / bare:.2f}"))
+    for label, key in (("naive script", "naive"), ("tlp cold", "tlp_cold")):
+        seconds = report[f"{key}_seconds"]
+        rows.append((label, f"{seconds:.2f}", f"{n / seconds:.1f}", f"{n / seconds / bare:.2f}"))
+    rows.append(("tlp warm (cache hit)", f"{report['tlp_warm_seconds']:.3f}", "-", "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    t = report["targets"]
+    lines += [
+        "",
+        f"cold / limit  {report['ratio_cold_vs_limit']:.2f}  (target >= {t['cold_vs_limit_at_least']})  "
+        f"{'met' if met['cold_vs_limit'] else 'NOT met'}",
+        f"cold / naive  {report['ratio_cold_vs_naive']:.2f}  (target >= {t['cold_vs_naive_at_least']})  "
+        f"{'met' if met['cold_vs_naive'] else 'NOT met'}",
+        f"warm / cold   {report['ratio_warm_vs_cold']:.3f} (target <= {t['warm_vs_cold_at_most']})  "
+        f"{'met' if met['warm_vs_cold'] else 'NOT met'}",
+        "",
+        "tlp cold breakdown (s): " + ", ".join(f"{k.removesuffix('_seconds')} {v:.2f}"
+                                              for k, v in report["tlp_cold_timings"].items()),
+        "per-image profile (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in report["profile_ms_per_image"].items()),
+        f"machine: {report['machine']['cpu_count']} CPUs, {report['machine']['torch_threads']} torch threads, "
+        f"native bf16 {report['machine']['cpu_has_native_bf16']}, tlp precision {report['machine']['resolved_precision']}, "
+        f"load average {report['machine']['loadavg_1min_before']} -> {report['machine']['loadavg_1min_after']}",
+    ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", required=True, type=Path, help="write the results here")
+    parser.add_argument("--n-images", type=int, default=300, help="JPEGs to generate (default 300)")
+    parser.add_argument("--keep", type=Path, help="generate images and caches in DIR and keep them")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of naive and tlp cold (default 1)")
+    parser.add_argument("--bare-repeats", type=int, default=3, help="timed passes per bare variant (default 3)")
+    parser.add_argument("--warm-repeats", type=int, default=3, help="tlp warm calls (default 3)")
+    parser.add_argument("--classes", type=int, default=4, help="class folders, 3 to 5 is typical (default 4)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for name in ("n_images", "repeats", "bare_repeats", "warm_repeats", "classes"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.keep is not None and args.keep.exists() and any(args.keep.iterdir()):
+        # Old caches there would turn the cold run into a warm one.
+        parser.error(f"--keep {args.keep} is not empty; pass a new or empty folder")
+    if args.n_images < BATCH_SIZE:
+        parser.error(f"--n-images must be at least {BATCH_SIZE} (one batch), got {args.n_images}")
+    return args
+
+
+def _load_average() -> float | None:
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def run(args, work: Path) -> dict:
+    load_before = _load_average()
+    if load_before is not None and load_before > 0.5:
+        print(f"warning: load average is {load_before} before starting; other processes will skew the numbers")
+    root = work / "images"
+    paths = make_images(root, args.n_images, args.classes, args.seed)
+    blobs = read_all(paths)
+    print(f"{len(paths)} JPEGs in {root} ({sum(map(len, blobs)) / len(blobs) / 1024:.0f} KiB each on average)")
+
+    spec = tlp_models.resolve_model(MODEL)
+    taps = tlp_layers.resolve_taps(spec, LAYERS)
+    profile = decode_profile(blobs, spec.preprocessing)
+    inputs, normalize_s = time_normalize(profile.pixels, spec.preprocessing)
+    variants = bare_forward(spec, taps, inputs, args.bare_repeats)
+    del inputs
+
+    naive_s, cold_runs = [], []
+    naive_features = naive_paths = None
+    for repeat in range(args.repeats):
+        seconds, naive_features, naive_paths = run_naive(root, spec, taps, work / f"naive-{repeat}")
+        naive_s.append(seconds)
+        cold_runs.append(run_tlp(root, work / f"cache-{repeat}"))
+    warm_runs = [run_tlp(root, work / f"cache-{args.repeats - 1}") for _ in range(args.warm_repeats)]
+    for _, result in warm_runs:
+        if result.n_extracted != 0:  # a warm call that runs the network is a broken cache
+            raise RuntimeError(f"tlp warm extracted {result.n_extracted} images; expected a cache hit")
+    cosine = agreement(naive_features, naive_paths, cold_runs[-1][1])
+    load = (load_before, _load_average())
+    return build_report(args, len(paths), profile, normalize_s, variants, naive_s, cold_runs, warm_runs, cosine, load)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        report = run(args, args.keep)
+    else:
+        with tempfile.TemporaryDirectory(prefix="tlp-bench-") as work:
+            report = run(args, Path(work))
+    print()
+    print(format_table(report))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

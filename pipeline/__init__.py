@@ -1,0 +1,36 @@
+"""tlp: transfer learning for image classification.
+
+Extract pooled activations from several depths of a frozen pretrained CNN once, cache
+them in HDF5 keyed by a fingerprint of everything that changes the numbers, and reuse
+them across experiments.
+
+Public API
+----------
+extract(data, **settings) -> ExtractResult
+    Run (or reuse) an extraction; ``result.path`` is the HDF5 cache file.
+FeatureFile(path)
+    Read a cache file: ``.load(layer)``, ``.labels``, ``.paths``, ``.classes``.
+load_dataset(data) -> Dataset
+    Scan a folder, CSV manifest or built-in data set.
+resolve_model(name) -> ModelSpec
+    Model, weights and preprocessing without building the network.
+"""
+
+from .cache import FeatureFile
+from .data import load_dataset
+from .errors import ImageDecodeError, TlpInputError
+from .extract import ExtractResult, ExtractSettings, extract
+from .models import resolve_model
+
+__all__ = [
+    "extract",
+    "ExtractSettings",
+    "ExtractResult",
+    "FeatureFile",
+    "load_dataset",
+    "resolve_model",
+    "TlpInputError",
+    "ImageDecodeError",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,8 @@
+"""``python -m pipeline`` is the same as ``tlp``."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""Command line: ``tlp VERB ...`` (also ``python -m pipeline``). Parses, calls the API, prints.
+
+Tables and progress go to stderr; machine-readable results go to ``--report``.
+Exit codes: 0 ok, 2 bad usage or input (one line saying what and how to fix), 1 failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .errors import TlpInputError
+
+__all__ = ["main"]
+
+logger = logging.getLogger("pipeline")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own usage errors also exit 2, on one line
+        raise TlpInputError(f"{self.prog}: {message}")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _add_extract_options(parser: argparse.ArgumentParser) -> None:
+    from .device import PRECISIONS
+    from .extract import DEFAULT_LAYERS
+    from .models import DEFAULT_MODEL
+
+    parser.add_argument("data", help="folder (one sub-folder per class), CSV manifest (path,label), or 'digits'")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model name, e.g. efficientnet_lite0, resnet50:IMAGENET1K_V2 (default: %(default)s)")
+    parser.add_argument("--weights", default=None, help="state-dict file, or 'none' for random initialisation (default: the model's own)")
+    parser.add_argument("--download", action="store_true", help="let torchvision download missing weights")
+    parser.add_argument("--layers", default=",".join(DEFAULT_LAYERS), help="presets early,mid,late,penultimate,logits or graph node names (default: %(default)s)")
+    parser.add_argument("--pool", default="avg", help="avg, max, avgmax or gridK (default: %(default)s)")
+    parser.add_argument("--image-size", type=_positive_int, default=None, help="crop size fed to the network (default: from the weights)")
+    parser.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (default: %(default)s)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 on CUDA and on CPUs with AVX512-BF16/AMX, else fp32")
+    parser.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="storage dtype (float16 layers that overflow are stored as float32)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: one per spare core)")
+    parser.add_argument("--cache-dir", default="cache", help="cache root (default: %(default)s)")
+    parser.add_argument("--on-error", choices=("fail", "skip"), default="fail", help="bad image files: fail (exit 2) or skip and report them")
+    parser.add_argument("--commit-every", type=_positive_int, default=256, help="commit finished work at least every N images (default: %(default)s)")
+    parser.add_argument("--report", default=None, help="write a JSON report to this file")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or tables")
+
+
+def _settings_from(args):
+    from .extract import ExtractSettings
+
+    return ExtractSettings(
+        model=args.model,
+        layers=tuple(p.strip() for p in args.layers.split(",") if p.strip()),
+        pool=args.pool,
+        image_size=args.image_size,
+        precision=args.precision,
+        dtype=args.dtype,
+        weights=args.weights,
+        device=args.device,
+        on_error=args.on_error,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        cache_dir=args.cache_dir,
+        download=args.download,
+        progress=not args.quiet,
+        commit_every=args.commit_every,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tlp", description="Transfer learning for image classification: extract once, sweep heads, fine-tune when data is large.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    verbs = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
+
+    extract = verbs.add_parser("extract", help="cache pooled multi-depth features of a data set")
+    _add_extract_options(extract)
+    extract.set_defaults(func=_cmd_extract)
+
+    layers = verbs.add_parser("layers", help="list a model's layer presets and graph nodes")
+    layers.add_argument("model", help="model name")
+    layers.add_argument("--weights", default=None, help="weights file (default: the model's own if present, else random init)")
+    layers.add_argument("--all", action="store_true", help="list every node, not only feature maps at stage ends")
+    layers.set_defaults(func=_cmd_layers)
+
+    cache = verbs.add_parser("cache", help="manage the feature cache")
+    cache.add_argument("--cache-dir", default="cache", help="cache root (default: %(default)s)")
+    actions = cache.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    actions.add_parser("ls", help="list cache entries").set_defaults(func=_cmd_cache_ls)
+    info = actions.add_parser("info", help="show one entry's attributes and layers")
+    info.add_argument("key", help="key or unique prefix")
+    info.set_defaults(func=_cmd_cache_info)
+    verify = actions.add_parser("verify", help="re-hash entries and check their structure")
+    verify.add_argument("key", nargs="?", default=None, help="key or prefix (default: all)")
+    verify.set_defaults(func=_cmd_cache_verify)
+    remove = actions.add_parser("rm", help="delete one entry")
+    remove.add_argument("key", help="key or unique prefix")
+    remove.set_defaults(func=_cmd_cache_rm)
+    gc = actions.add_parser("gc", help="delete orphaned temporary files, unreadable entries and merged shards")
+    gc.add_argument("--partial", action="store_true", help="also delete unfinished work (shards of interrupted runs)")
+    gc.set_defaults(func=_cmd_cache_gc)
+    for action in ("info", "verify", "rm", "gc", "ls"):  # accept --cache-dir after the action too
+        actions.choices[action].add_argument("--cache-dir", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    demo = verbs.add_parser("demo", help="run the main job offline on the built-in digits with the default model")
+    demo.add_argument("--cache-dir", default="cache", help="cache root (default: %(default)s)")
+    demo.add_argument("--report", default=None, help="write a JSON report to this file")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+# ----------------------------------------------------------------------------- verbs
+def _print(text: str = "") -> None:
+    print(text, file=sys.stderr)
+
+
+def _extract_summary(result) -> str:
+    from .report import format_table
+
+    rows = [
+        [name, info["node"], "x".join(map(str, info["pre_pool_shape"])), info["stride"] or "-",
+         info["pooling"], info["dim"], info["dtype"], info["bytes_per_image"]]
+        for name, info in result.layers.items()
+    ]
+    table = format_table(rows, ["layer", "node", "tap shape", "stride", "pool", "dim", "dtype", "bytes/img"])
+    rate = f", {result.images_per_second:.1f} img/s" if result.n_extracted else ""
+    lines = [
+        table,
+        "",
+        f"{result.n_images} images in cache ({result.n_extracted} extracted, {result.n_reused} reused, "
+        f"{len(result.skipped)} skipped) in {result.seconds:.2f} s{rate}",
+        f"model {result.model}, precision {result.precision}",
+        f"cache file: {result.path}",
+    ]
+    for skip in result.skipped[:20]:
+        lines.append(f"skipped {skip['path']}: {skip['reason']}")
+    if len(result.skipped) > 20:
+        lines.append(f"... and {len(result.skipped) - 20} more skipped (see --report)")
+    return "\n".join(lines)
+
+
+def _cmd_extract(args) -> int:
+    from .extract import extract
+    from .report import write_report
+
+    result = extract(args.data, _settings_from(args))
+    if args.report:
+        write_report(args.report, result.to_report())
+    if not args.quiet:
+        _print(_extract_summary(result))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .extract import extract
+    from .report import write_report
+
+    _print("tlp demo: extracting the built-in digits (1,797 images) with efficientnet_lite0 at 96 px")
+    result = extract("digits", image_size=96, cache_dir=args.cache_dir, layers=("early", "mid", "late", "penultimate"))
+    if args.report:
+        write_report(args.report, result.to_report())
+    _print(_extract_summary(result))
+    return 0
+
+
+def _cmd_layers(args) -> int:
+    from .layers import list_nodes, preset_nodes
+    from .models import resolve_model
+    from .report import format_table
+
+    try:
+        spec = resolve_model(args.model, weights=args.weights)
+    except TlpInputError:
+        if args.weights is not None:
+            raise
+        spec = resolve_model(args.model, weights="none")  # the graph does not need real weights
+    model = spec.build()
+    nodes = list_nodes(spec, model)
+    by_node = {info.node: info for info in nodes}
+    presets = preset_nodes(spec)
+    stage_ends = set(presets.values())
+    rows = []
+    for preset, node in presets.items():
+        info = _node_info(by_node, node)
+        rows.append([preset, node, info and "x".join(map(str, info.shape)), info and info.channels, info and (info.stride or "-")])
+    _print(f"presets of {spec.name} (shapes for a 128 px input):")
+    _print(format_table(rows, ["preset", "node", "shape", "channels", "stride"]))
+    _print("")
+    shown = [
+        info for info in nodes
+        if args.all or info.node in stage_ends or info.stride is None or _is_block_output(info.node)
+    ]
+    _print(f"graph nodes ({len(shown)} of {len(nodes)}; --all lists every node):")
+    _print(format_table([[i.node, "x".join(map(str, i.shape)), i.channels, i.stride or "-"] for i in shown],
+                        ["node", "shape", "channels", "stride"]))
+    return 0
+
+
+def _node_info(by_node, node):
+    if node in by_node:
+        return by_node[node]
+    inside = [info for name, info in by_node.items() if name.startswith(node + ".")]
+    return inside[-1] if inside else None
+
+
+def _is_block_output(node: str) -> bool:
+    # Stage- or block-level modules ("layer3", "features.5", "blocks.4.1") rather than ops inside them.
+    parts = node.split(".")
+    return len(parts) <= 2 or (len(parts) == 3 and parts[-1].isdigit())
+
+
+def _cmd_cache_ls(args) -> int:
+    from .cache import CacheDir, FeatureFile
+    from .report import format_table
+
+    cache = CacheDir(args.cache_dir)
+    rows = []
+    for path in cache.finished_files():
+        try:
+            with FeatureFile(path) as features:
+                attrs = features.attrs
+                rows.append([path.stem[:12], attrs.get("model"), attrs.get("data_name"), features.n_rows(),
+                             ",".join(features.layers), f"{path.stat().st_size / 1e6:.1f}", attrs.get("created")])
+        except TlpInputError:
+            rows.append([path.stem[:12], "UNREADABLE", "", "", "", f"{path.stat().st_size / 1e6:.1f}", ""])
+    print(format_table(rows, ["key", "model", "data", "images", "layers", "MB", "created"]))
+    return 0
+
+
+def _cmd_cache_info(args) -> int:
+    import json
+
+    from .cache import CacheDir, FeatureFile
+
+    path = CacheDir(args.cache_dir).resolve(args.key)
+    with FeatureFile(path) as features:
+        info = {
+            "path": str(path),
+            "attributes": features.attrs,
+            "n_images": features.n_rows(),
+            "classes": features.classes,
+            "n_skipped": len(features.skipped),
+            "layers": {
+                name: {**{k: v for k, v in features.layer_meta(name).__dict__.items() if k != "name"},
+                       "dim": int(features._dataset(name).shape[1]), "dtype": str(features.stored_dtype(name))}
+                for name in features.layers
+            },
+        }
+    print(json.dumps(info, indent=2, default=str))
+    return 0
+
+
+def _cmd_cache_verify(args) -> int:
+    from .cache import CacheDir, FeatureFile
+
+    cache = CacheDir(args.cache_dir)
+    paths = [cache.resolve(args.key)] if args.key else cache.finished_files()
+    bad = 0
+    for path in paths:
+        try:
+            with FeatureFile(path) as features:
+                problems = features.verify()
+        except TlpInputError as error:
+            problems = [str(error)]
+        bad += bool(problems)
+        print(f"{path.stem[:12]}  {'ok' if not problems else 'BAD: ' + '; '.join(problems)}")
+    if bad:
+        print(f"{bad} of {len(paths)} entries failed verification; remove them with `tlp cache rm KEY`", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_cache_rm(args) -> int:
+    from .cache import CacheDir
+
+    path = CacheDir(args.cache_dir).resolve(args.key)
+    path.unlink()
+    _print(f"removed {path}")
+    return 0
+
+
+def _cmd_cache_gc(args) -> int:
+    from .cache import CacheDir
+
+    removed = CacheDir(args.cache_dir).gc(partial=args.partial)
+    for path, size in removed:
+        _print(f"removed {path} ({size / 1e6:.1f} MB)")
+    _print(f"freed {sum(size for _, size in removed) / 1e6:.1f} MB in {len(removed)} files")
+    return 0
+
+
+# ----------------------------------------------------------------------------- entry point
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit code (tests call this directly)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        args = build_parser().parse_args(argv)
+        if args.verbose:
+            logging.getLogger("pipeline").setLevel(logging.DEBUG)
+        return int(args.func(args) or 0)
+    except TlpInputError as error:
+        print(f"tlp: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tlp: interrupted; finished batches are kept, rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def main_entry() -> None:
+    """Console-script entry point (``tlp``)."""
+    sys.exit(main())

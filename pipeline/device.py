@@ -1,0 +1,63 @@
+"""Device and numeric precision: what runs where, and in which floating-point format.
+
+``auto`` precision picks bf16 where the hardware computes it natively (CUDA, and CPUs
+with AVX512-BF16 or AMX) and fp32 elsewhere: emulated bf16 is slower than fp32.
+The resolved precision is part of the cache key: fp32 and bf16 features never mix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+from .errors import TlpInputError
+
+__all__ = ["PRECISIONS", "resolve_device", "resolve_precision", "autocast", "cpu_has_native_bf16"]
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True when /proc/cpuinfo lists avx512_bf16 or amx_bf16 (Linux only)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` means CUDA when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise TlpInputError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TlpInputError(f"--device {name} was asked for but CUDA is not available; pass --device cpu")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """Map ``auto`` to ``bf16`` or ``fp32`` for this device; validate the others."""
+    if name not in PRECISIONS:
+        raise TlpInputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    """An autocast context for bf16/fp16, a no-op for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])

@@ -1,0 +1,32 @@
+"""Exceptions that the command line turns into exit codes.
+
+Every error a user can fix themselves is a :class:`TlpInputError`; the CLI prints its
+message on one line and exits with status 2. Messages follow one shape: what was
+given, what was expected, one fix.
+"""
+
+from __future__ import annotations
+
+
+class TlpInputError(ValueError):
+    """Bad usage or bad input: the CLI exits 2 with ``str(error)`` as the reason."""
+
+
+class ImageDecodeError(TlpInputError):
+    """One image file could not be turned into RGB pixels.
+
+    Parameters
+    ----------
+    path : str
+        The file, as the user named it (relative to the data root when there is one).
+    reason : str
+        Short description of what is wrong, e.g. ``"truncated image data"``.
+    """
+
+    def __init__(self, path: str, reason: str):
+        self.path = path
+        self.reason = reason
+        super().__init__(
+            f"cannot decode image {path!r}: {reason}; "
+            "fix or remove the file, or pass --on-error skip to leave bad files out"
+        )

@@ -1,0 +1,169 @@
+"""Taps: which graph nodes to read, and a module that returns them all from one forward pass.
+
+Presets are resolved per family (see :mod:`pipeline.models`): ``early`` is the last stage
+output at stride 8, ``mid`` the last at stride 16, ``late`` the last feature map before
+global pooling, ``penultimate`` the vector the classifier layer sees, ``logits`` the
+class scores. Explicit torch.fx node names (``layer3.5.relu_2``) are accepted as well.
+
+Every requested tap comes from the *same* forward pass: torchvision's
+``create_feature_extractor`` rewrites the graph so that the tapped nodes are outputs
+and prunes whatever runs after the deepest tap.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import TlpInputError
+from .models import ModelSpec, family_for
+
+__all__ = ["PRESETS", "Tap", "NodeInfo", "resolve_taps", "list_nodes", "build_tap_extractor"]
+
+PRESETS = ("early", "mid", "late", "penultimate", "logits")
+_PROBE_SIZE = 128  # input side used to measure strides; any multiple of 32 >= 75 works
+
+
+@dataclass(frozen=True)
+class Tap:
+    """One requested layer: the name the user gave and the graph node it resolved to."""
+
+    name: str  # "early", ..., or the node name itself
+    node: str  # torch.fx node (a module path such as "layer3", or "flatten")
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """Shape facts about one graph node, measured on a probe input."""
+
+    node: str
+    shape: tuple[int, ...]  # output shape for one image (no batch axis)
+    channels: int  # C for feature maps, D for vectors
+    stride: int | None  # input side / map side; None for vectors
+
+
+def _family_key(spec: ModelSpec) -> str:
+    return spec.name if spec.source == "timm" else spec.arch
+
+
+def _fx_helpers(spec: ModelSpec):
+    """(get_graph_node_names, create_feature_extractor) that suit the model's source."""
+    if spec.source in ("timm", "embedded"):
+        from timm.models import _features_fx as timm_fx
+
+        return timm_fx.get_graph_node_names, timm_fx.create_feature_extractor
+    from torchvision.models.feature_extraction import (
+        create_feature_extractor,
+        get_graph_node_names,
+    )
+
+    return get_graph_node_names, create_feature_extractor
+
+
+def _stride(map_side: int) -> int:
+    """Stride of a feature map, as the nearest power of two (unpadded nets round down)."""
+    return 2 ** round(math.log2(_PROBE_SIZE / map_side))
+
+
+def _module_output_shapes(model: nn.Module, modules: list[str]) -> dict[str, tuple[int, ...]]:
+    """Run one probe image and record the output shape of each named module (hooks)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    handles = []
+    for name in modules:
+        def record(_module, _inputs, output, _name=name):
+            if isinstance(output, torch.Tensor):
+                shapes[_name] = tuple(output.shape[1:])
+
+        handles.append(model.get_submodule(name).register_forward_hook(record))
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(1, 3, _PROBE_SIZE, _PROBE_SIZE))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes
+
+
+@functools.lru_cache(maxsize=16)
+def _preset_nodes(spec_key: str, spec: ModelSpec) -> dict[str, str]:
+    model = spec.build()
+    family = family_for(_family_key(spec))
+    stages = family.stage_modules(model)
+    shapes = _module_output_shapes(model, stages)
+    strides = {n: _stride(s[-1]) for n, s in shapes.items() if len(s) == 3}
+    ordered = [n for n in stages if n in strides]
+
+    def last_at_most(limit: int) -> str:
+        candidates = [n for n in ordered if strides[n] <= limit]
+        return candidates[-1] if candidates else ordered[0]
+
+    return {
+        "early": last_at_most(8),
+        "mid": last_at_most(16),
+        "late": family.late(model) if family.late else ordered[-1],
+        "penultimate": family.penultimate(model),
+        "logits": family.logits(model),
+    }
+
+
+def preset_nodes(spec: ModelSpec) -> dict[str, str]:
+    """Preset name -> graph node for this model (memoised per architecture)."""
+    return _preset_nodes(_family_key(spec), spec)
+
+
+def resolve_taps(spec: ModelSpec, layers: list[str] | tuple[str, ...] | str) -> list[Tap]:
+    """Resolve ``early,mid,late`` or node names to :class:`Tap` objects, in order.
+
+    Duplicate nodes are dropped (``late`` and ``layer4`` are the same tap).
+    """
+    if isinstance(layers, str):
+        layers = [part.strip() for part in layers.split(",")]
+    layers = [layer for layer in layers if layer]
+    if not layers:
+        raise TlpInputError("--layers is empty; pass presets such as early,mid,late or node names")
+    presets = preset_nodes(spec) if any(layer in PRESETS for layer in layers) else {}
+    taps: list[Tap] = []
+    for layer in layers:
+        node = presets.get(layer, layer)
+        if all(tap.node != node for tap in taps):
+            taps.append(Tap(name=layer, node=node))
+    return taps
+
+
+def list_nodes(spec: ModelSpec, model: nn.Module | None = None) -> list[NodeInfo]:
+    """All tensor-valued graph nodes of the eval graph with shape, channels and stride."""
+    model = model if model is not None else spec.build()
+    get_names, create = _fx_helpers(spec)
+    _, eval_nodes = get_names(model)
+    extractor = create(model, return_nodes={n: n for n in eval_nodes if n != "x"})
+    with torch.inference_mode():
+        outputs = extractor(torch.zeros(1, 3, _PROBE_SIZE, _PROBE_SIZE))
+    infos = []
+    for node in eval_nodes:
+        value = outputs.get(node)
+        if not isinstance(value, torch.Tensor) or value.ndim not in (2, 4):
+            continue
+        shape = tuple(value.shape[1:])
+        stride = _stride(shape[-1]) if len(shape) == 3 else None
+        infos.append(NodeInfo(node=node, shape=shape, channels=shape[0], stride=stride))
+    return infos
+
+
+def build_tap_extractor(spec: ModelSpec, model: nn.Module, taps: list[Tap]) -> nn.Module:
+    """A module whose forward returns ``{node: tensor}`` for every tap, from one pass."""
+    get_names, create = _fx_helpers(spec)
+    try:
+        extractor = create(model, return_nodes={tap.node: tap.node for tap in taps})
+    except ValueError as error:
+        if "not present" not in str(error):
+            raise
+        missing = [tap.node for tap in taps if tap.node not in set(get_names(model)[1])]
+        raise TlpInputError(
+            f"layer {missing[0] if missing else taps[0].node!r} is not a node of {spec.name}; "
+            f"use a preset ({', '.join(PRESETS)}) or a node listed by `tlp layers {spec.name}`"
+        ) from None
+    return extractor.eval()

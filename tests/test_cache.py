@@ -1,0 +1,82 @@
+"""`tlp cache` management and the cache's defences against stale or corrupt files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import h5py
+import numpy as np
+
+from pipeline import FeatureFile, extract
+from pipeline.cache import fingerprint
+from pipeline.cli import main
+
+from helpers import FAST
+
+
+def test_ls_info_verify_rm(image_folder, cache_dir, capsys):
+    result = extract(image_folder, cache_dir=cache_dir, **FAST)
+    short = result.key[:12]
+    assert main(["cache", "ls", "--cache-dir", str(cache_dir)]) == 0
+    out = capsys.readouterr().out
+    assert short in out and "efficientnet_lite0" in out and "24" in out
+
+    assert main(["cache", "info", short, "--cache-dir", str(cache_dir)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["n_images"] == 24 and info["classes"] == ["cat", "dog", "owl"]
+    assert info["layers"]["mid"]["node"] == "blocks.4"
+    assert info["attributes"]["key"] == result.key
+
+    assert main(["cache", "verify", "--cache-dir", str(cache_dir)]) == 0
+    assert "ok" in capsys.readouterr().out
+
+    assert main(["cache", "rm", short, "--cache-dir", str(cache_dir)]) == 0
+    assert not result.path.exists()
+    assert main(["cache", "info", short, "--cache-dir", str(cache_dir)]) == 2
+
+
+def test_verify_catches_flipped_values_and_renamed_files(image_folder, cache_dir, capsys):
+    result = extract(image_folder, cache_dir=cache_dir, **FAST)
+    with h5py.File(result.path, "r+") as handle:
+        handle["features/late"][0, 0] += 1
+    assert main(["cache", "verify", result.key[:8], "--cache-dir", str(cache_dir)]) == 1
+    assert "late" in capsys.readouterr().out
+    # A file copied to another key's name is refused, never served as that key.
+    impostor = cache_dir / f"{'0' * 64}.h5"
+    shutil.copy(result.path, impostor)
+    with FeatureFile(impostor) as features:
+        assert any("does not match file name" in p for p in features.verify())
+
+
+def test_corrupt_cache_file_is_recomputed(image_folder, cache_dir, caplog):
+    result = extract(image_folder, cache_dir=cache_dir, **FAST)
+    result.path.write_bytes(b"\x89HDF garbage")
+    again = extract(image_folder, cache_dir=cache_dir, **FAST)
+    assert again.key == result.key and again.n_extracted == 24
+    assert "unreadable" in caplog.text
+    with FeatureFile(again.path) as features:
+        assert features.verify() == []
+
+
+def test_fingerprint_is_order_independent():
+    assert fingerprint({"a": 1, "b": [1, 2]}) == fingerprint({"b": [1, 2], "a": 1})
+    assert fingerprint({"a": 1}) != fingerprint({"a": 1.5})
+
+
+def test_layer_subset_reuses_rows_of_a_bigger_run(image_folder, cache_dir):
+    full = extract(image_folder, cache_dir=cache_dir, layers=("early", "mid", "late"), **FAST)
+    subset = extract(image_folder, cache_dir=cache_dir, layers=("late",), **FAST)
+    assert subset.key != full.key and subset.n_extracted == 0 and subset.n_reused == 24
+    with FeatureFile(full.path) as a, FeatureFile(subset.path) as b:
+        np.testing.assert_array_equal(a.load("late"), b.load("late"))
+
+
+def test_gc_removes_merged_and_partial_shards(image_folder, cache_dir, capsys):
+    extract(image_folder, cache_dir=cache_dir, **FAST)
+    partial = cache_dir / ".partial" / "deadbeef"
+    partial.mkdir(parents=True)
+    (partial / "shard-0.h5").write_bytes(b"not hdf5")
+    assert main(["cache", "gc", "--cache-dir", str(cache_dir)]) == 0
+    assert not partial.exists()
+    assert "freed" in capsys.readouterr().err

@@ -1,0 +1,79 @@
+"""Data sources: ImageFolder, CSV manifests (with path-escape checks) and digits."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline import extract, load_dataset
+from pipeline.errors import TlpInputError
+
+from helpers import FAST, write_images
+
+
+def test_csv_manifest_relative_paths_and_numeric_label_order(tmp_path):
+    images = write_images(tmp_path / "imgs", 4)
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("path,label\n" + "".join(f"imgs/{p.name},{label}\n" for p, label in zip(images, [10, 2, 2, 10])))
+    dataset = load_dataset(manifest)
+    assert dataset.classes == ["2", "10"]
+    assert [item.label for item in dataset.items] == [1, 0, 0, 1]
+    assert dataset.items[0].path == "imgs/img_0000.jpg"
+
+
+@pytest.mark.parametrize("bad", ["../outside.jpg", "/etc/passwd", "C:\\x.jpg", "file:///etc/passwd", "a\\b.jpg"])
+def test_csv_rejects_paths_that_escape(tmp_path, bad):
+    manifest = tmp_path / "list.csv"
+    manifest.write_text(f"{bad},cat\n")
+    with pytest.raises(TlpInputError, match=r"list\.csv:1"):
+        load_dataset(manifest)
+
+
+def test_symlink_out_of_the_folder_is_refused(tmp_path):
+    outside = write_images(tmp_path / "outside", 1)[0]
+    root = tmp_path / "data"
+    write_images(root / "a", 2)
+    (root / "a" / "link.jpg").symlink_to(outside)
+    with pytest.raises(TlpInputError, match="outside the data folder"):
+        load_dataset(root)
+    dataset = load_dataset(root, on_error="skip")
+    assert [s.path for s in dataset.skipped] == ["a/link.jpg"]
+
+
+def test_missing_csv_file_follows_on_error(tmp_path):
+    write_images(tmp_path / "imgs", 2)
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("imgs/img_0000.jpg,a\nimgs/nope.jpg,b\nimgs/img_0001.jpg,b\n")
+    with pytest.raises(TlpInputError, match="nope.jpg.*file not found"):
+        load_dataset(manifest)
+    dataset = load_dataset(manifest, on_error="skip")
+    assert [(i.path, dataset.classes[i.label]) for i in dataset.items] == [
+        ("imgs/img_0000.jpg", "a"), ("imgs/img_0001.jpg", "b")]
+
+
+def test_folder_ignores_non_images_and_hidden_files(tmp_path):
+    root = tmp_path / "data"
+    write_images(root / "a", 2, fmt="PNG")
+    (root / "a" / "notes.txt").write_text("hello")
+    (root / "a" / ".DS_Store").write_bytes(b"\0")
+    (root / ".hidden").mkdir()
+    dataset = load_dataset(root)
+    assert dataset.classes == ["a"] and len(dataset.items) == 2
+
+
+def test_empty_or_wrong_data_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TlpInputError, match="no class sub-folders"):
+        load_dataset(tmp_path / "empty")
+    with pytest.raises(TlpInputError, match="not a folder"):
+        load_dataset(tmp_path / "nothing-here")
+
+
+def test_csv_and_folder_give_same_features(tmp_path):
+    root = tmp_path / "data"
+    write_images(root / "a", 3)
+    write_images(root / "b", 3, start=50)
+    manifest = root / "list.csv"
+    manifest.write_text("".join(f"{p.parent.name}/{p.name},{p.parent.name}\n" for p in sorted(root.glob("*/*.jpg"))))
+    from_folder = extract(root, cache_dir=tmp_path / "c", **FAST)
+    from_csv = extract(manifest, cache_dir=tmp_path / "c", **FAST)
+    assert from_csv.n_extracted == 0 and from_csv.n_reused == 6
