@@ -8,13 +8,22 @@ The resolved precision is part of the cache key: fp32 and bf16 features never mi
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
+import logging
+import os
+import sys
 
 import torch
 
 from .errors import TlpInputError
 
-__all__ = ["PRECISIONS", "resolve_device", "resolve_precision", "autocast", "cpu_has_native_bf16"]
+__all__ = [
+    "PRECISIONS", "resolve_device", "resolve_precision", "autocast", "cpu_has_native_bf16",
+    "tune_cpu_allocator",
+]
+
+logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -61,3 +70,26 @@ def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
+
+
+@functools.lru_cache(maxsize=1)
+def tune_cpu_allocator() -> bool:
+    """Keep large freed blocks in glibc's heap instead of handing them back to the kernel.
+
+    By default glibc serves allocations above a (dynamic, at most 32 MiB) threshold with
+    fresh ``mmap`` pages and unmaps them on free, so every batch's activations are paged
+    in and zeroed again. Measured on 2 cores with efficientnet_lite0 at 224 px, bf16:
+    75 img/s at batch 64 with the default, 178 img/s with these two settings. The cost is
+    that up to 512 MiB of freed memory stays with the process. Process-wide, applied
+    once, on Linux/glibc only; ``TLP_MALLOC_TUNING=0`` turns it off.
+    """
+    if os.environ.get("TLP_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    ok = bool(libc.mallopt(m_mmap_threshold, 256 << 20)) and bool(libc.mallopt(m_trim_threshold, 512 << 20))
+    logger.debug("glibc allocator tuned for large blocks: %s", ok)
+    return ok

@@ -203,8 +203,9 @@ def _quiet_pillow() -> Iterator[None]:
     The decompression bomb warning is replaced by our own ``max_pixels`` check; corrupt
     EXIF is handled by not rotating. Silencing matters beyond noise: under ``-W error``
     the EXIF warning, raised while opening a JPEG, would otherwise reject a good image.
-    ``catch_warnings`` restores the filters on exit (it is not thread-safe before
-    Python 3.14; decode in processes, not threads, if that matters).
+    ``catch_warnings`` restores the filters on exit. It is not thread-safe before
+    Python 3.14, and tlp decodes in threads: the worst a race can do is leave these two
+    Pillow warnings silenced process-wide, which changes no pixels.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)

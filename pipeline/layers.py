@@ -13,8 +13,11 @@ and prunes whatever runs after the deepest tap.
 from __future__ import annotations
 
 import functools
+import json
 import math
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -110,12 +113,58 @@ def _preset_nodes(spec_key: str, spec: ModelSpec) -> dict[str, str]:
     }
 
 
-def preset_nodes(spec: ModelSpec) -> dict[str, str]:
-    """Preset name -> graph node for this model (memoised per architecture)."""
-    return _preset_nodes(_family_key(spec), spec)
+PRESET_RULES_VERSION = 1  # bump when the rules above change: invalidates presets.json memos
 
 
-def resolve_taps(spec: ModelSpec, layers: list[str] | tuple[str, ...] | str) -> list[Tap]:
+def _memo_key(spec: ModelSpec) -> str:
+    from importlib.metadata import version
+
+    libraries = f"torch={torch.__version__}"
+    if spec.source in ("timm", "embedded"):
+        libraries += f",timm={version('timm')}"
+    return f"v{PRESET_RULES_VERSION}|{spec.source}|{_family_key(spec)}|{libraries}"
+
+
+def preset_nodes(spec: ModelSpec, memo_dir: Path | None = None) -> dict[str, str]:
+    """Preset name -> graph node for this model (memoised per architecture).
+
+    Resolving presets means building the network and probing strides. With
+    ``memo_dir`` the answer is also kept in ``memo_dir/presets.json``, so a later
+    process (typically a warm cache hit) needs no network at all.
+    """
+    memo_file = Path(memo_dir) / "presets.json" if memo_dir is not None else None
+    key = _memo_key(spec)
+    memo = _read_memo(memo_file)
+    if key in memo:
+        return dict(memo[key])
+    nodes = _preset_nodes(_family_key(spec), spec)
+    if memo_file is not None:
+        _write_memo(memo_file, {**_read_memo(memo_file), key: nodes})
+    return nodes
+
+
+def _read_memo(memo_file: Path | None) -> dict:
+    if memo_file is None or not memo_file.is_file():
+        return {}
+    try:
+        memo = json.loads(memo_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # a damaged memo is only a lost shortcut
+    return memo if isinstance(memo, dict) else {}
+
+
+def _write_memo(memo_file: Path, memo: dict) -> None:
+    from .report import write_report
+
+    try:
+        write_report(memo_file, memo)
+    except OSError:
+        pass  # read-only cache folder: presets are simply resolved again next time
+
+
+def resolve_taps(
+    spec: ModelSpec, layers: list[str] | tuple[str, ...] | str, *, memo_dir: Path | None = None
+) -> list[Tap]:
     """Resolve ``early,mid,late`` or node names to :class:`Tap` objects, in order.
 
     Duplicate nodes are dropped (``late`` and ``layer4`` are the same tap).
@@ -125,7 +174,7 @@ def resolve_taps(spec: ModelSpec, layers: list[str] | tuple[str, ...] | str) -> 
     layers = [layer for layer in layers if layer]
     if not layers:
         raise TlpInputError("--layers is empty; pass presets such as early,mid,late or node names")
-    presets = preset_nodes(spec) if any(layer in PRESETS for layer in layers) else {}
+    presets = preset_nodes(spec, memo_dir) if any(layer in PRESETS for layer in layers) else {}
     taps: list[Tap] = []
     for layer in layers:
         node = presets.get(layer, layer)
@@ -159,11 +208,12 @@ def build_tap_extractor(spec: ModelSpec, model: nn.Module, taps: list[Tap]) -> n
     try:
         extractor = create(model, return_nodes={tap.node: tap.node for tap in taps})
     except ValueError as error:
-        if "not present" not in str(error):
+        # torchvision says: "node: 'xyz' is not present in model. Hint: ..."
+        missing = re.search(r"node: '([^']*)' is not present", str(error))
+        if missing is None:
             raise
-        missing = [tap.node for tap in taps if tap.node not in set(get_names(model)[1])]
         raise TlpInputError(
-            f"layer {missing[0] if missing else taps[0].node!r} is not a node of {spec.name}; "
-            f"use a preset ({', '.join(PRESETS)}) or a node listed by `tlp layers {spec.name}`"
+            f"layer {missing.group(1)!r} is not a node of {spec.name}; use a preset "
+            f"({', '.join(PRESETS)}) or a node listed by `tlp layers {spec.name}`"
         ) from None
     return extractor.eval()

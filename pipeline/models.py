@@ -432,9 +432,18 @@ def imagenet_categories() -> tuple[str, ...]:
     return tuple(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
 
 
-def _resolve_efficientnet_lite0(name: str, weights) -> ModelSpec:
-    import timm
+def _timm_builder(arch: str) -> Callable[[], nn.Module]:
+    """A builder that imports timm only when the network is really built (warm hits don't)."""
 
+    def build() -> nn.Module:
+        import timm
+
+        return timm.create_model(arch, pretrained=False)
+
+    return build
+
+
+def _resolve_efficientnet_lite0(name: str, weights) -> ModelSpec:
     chosen = _user_weights(weights)
     if chosen is None:
         try:
@@ -464,7 +473,7 @@ def _resolve_efficientnet_lite0(name: str, weights) -> ModelSpec:
             std=(0.5, 0.5, 0.5),
         ),
         categories=imagenet_categories(),
-        _builder=lambda: timm.create_model("tf_efficientnet_lite0", pretrained=False),
+        _builder=_timm_builder("tf_efficientnet_lite0"),
         _state_mapper=_map_by_position if weights_id == "IMAGENET1K" else None,
     )
 
@@ -604,5 +613,5 @@ def _resolve_timm(name: str, weights, download: bool) -> ModelSpec:
             std=tuple(float(v) for v in config["std"]),
         ),
         categories=imagenet_categories() if config.get("num_classes") == 1000 else None,
-        _builder=lambda: timm.create_model(arch, pretrained=False),
+        _builder=_timm_builder(arch),
     )

@@ -1,24 +1,23 @@
 """Pixels to network input: resize the shorter side, centre-crop, normalise.
 
-The result equals torchvision's ``ImageClassification`` transform (resize, then centre
-crop) but is computed as *one* resize of only the source region that survives the
-crop (PIL's ``box`` argument): the same sampling positions and filter, about half the
-work. The two agree to within one gray level on about 1 pixel in 20,000 (rounding);
-``RESIZE_METHOD`` names this choice in the cache key.
+Resizing uses PyTorch's antialiased uint8 kernels on channels-last pixels (the same
+separable filters as PIL, vectorised): about 2x faster than PIL on this path and equal
+to torchvision's PIL-based ``resize`` + ``center_crop`` within one gray level on well
+under 1% of pixels (rounding). ``RESIZE_METHOD`` names this choice in the cache key.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from .models import Preprocessing
 
 __all__ = ["RESIZE_METHOD", "resize_and_crop", "normalize"]
 
-RESIZE_METHOD = "pil-box-resize-crop-v1"
-_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+RESIZE_METHOD = "torch-uint8-antialias-resize-then-crop-v1"
 
 
 def _resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
@@ -28,26 +27,36 @@ def _resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
     return int(shorter * width / height), shorter
 
 
-def resize_and_crop(image: Image.Image, prep: Preprocessing) -> torch.Tensor:
-    """RGB PIL image -> uint8 tensor (3, crop, crop), resized and centre-cropped."""
-    width, height = image.size
+def resize_and_crop(image: Image.Image | np.ndarray, prep: Preprocessing) -> torch.Tensor:
+    """RGB image (PIL or uint8 HxWx3 array) -> uint8 tensor (3, crop, crop)."""
+    array = np.array(image, dtype=np.uint8)  # a writable copy: torch refuses read-only views
+    height, width = array.shape[:2]
     new_width, new_height = _resized_size(width, height, prep.resize_size)
     crop = prep.crop_size
-    # Same offsets as torchvision.transforms.functional.center_crop.
-    left = int(round((new_width - crop) / 2.0))
-    top = int(round((new_height - crop) / 2.0))
-    if left < 0 or top < 0:
+    if crop > min(new_width, new_height):
         raise ValueError(f"crop {crop} is larger than the resized image {new_width}x{new_height}")
-    scale_x, scale_y = width / new_width, height / new_height
-    box = (left * scale_x, top * scale_y, (left + crop) * scale_x, (top + crop) * scale_y)
-    image = image.resize((crop, crop), _FILTERS[prep.interpolation], box=box)
-    array = np.asarray(image, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+    # (1, 3, H, W) view with channels-last strides: the layout the fast uint8 kernels want.
+    pixels = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).unsqueeze(0)
+    if (new_height, new_width) != (height, width):
+        pixels = F.interpolate(
+            pixels, size=(new_height, new_width), mode=prep.interpolation,
+            antialias=prep.interpolation in ("bilinear", "bicubic"),
+            align_corners=False if prep.interpolation != "nearest" else None,
+        )
+    # Same offsets as torchvision.transforms.functional.center_crop.
+    top = int(round((new_height - crop) / 2.0))
+    left = int(round((new_width - crop) / 2.0))
+    return pixels[0, :, top:top + crop, left:left + crop]
 
 
 def normalize(batch: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float32, scaled to 0..1, mean/std normalised, channels_last."""
-    mean = torch.tensor(prep.mean, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
+    """uint8 (B, 3, H, W) -> float32 ``(x / 255 - mean) / std``, channels_last.
+
+    Computed as ``x * scale + shift`` in one fused pass after the conversion, which
+    keeps the input's (channels-last) layout.
+    """
     std = torch.tensor(prep.std, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
-    batch = batch.to(torch.float32).div_(255.0).sub_(mean).div_(std)
+    mean = torch.tensor(prep.mean, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
+    scale, shift = 1.0 / (255.0 * std), -mean / std
+    batch = torch.addcmul(shift, batch.to(torch.float32), scale)
     return batch.contiguous(memory_format=torch.channels_last)

@@ -195,3 +195,26 @@ def test_digits_builtin(cache_dir):
     dataset = load_dataset("digits")
     assert dataset.classes == [str(d) for d in range(10)]
     assert [item.label for item in dataset.items] == list(labels)
+
+
+def test_decoding_strategy_does_not_change_numbers(image_folder, tmp_path):
+    threads = extract(image_folder, cache_dir=tmp_path / "threads", **{**FAST, "workers": 0})
+    processes = extract(image_folder, cache_dir=tmp_path / "processes", **{**FAST, "workers": 2})
+    assert threads.key == processes.key
+    with FeatureFile(threads.path) as a, FeatureFile(processes.path) as b:
+        for layer in a.layers:
+            np.testing.assert_array_equal(a.load(layer), b.load(layer))
+
+
+def test_warm_hit_builds_no_network(image_folder, cache_dir, monkeypatch):
+    from pipeline import layers, models
+
+    first = extract(image_folder, cache_dir=cache_dir, **FAST)
+    layers._preset_nodes.cache_clear()  # as in a new process
+
+    def refuse(self):
+        raise AssertionError("a cache hit must not build the network")
+
+    monkeypatch.setattr(models.ModelSpec, "build", refuse)
+    again = extract(image_folder, cache_dir=cache_dir, **FAST)
+    assert again.key == first.key and again.n_extracted == 0
