@@ -14,6 +14,8 @@ load_dataset(data) -> Dataset
     Scan a folder, CSV manifest or built-in data set.
 resolve_model(name) -> ModelSpec
     Model, weights and preprocessing without building the network.
+sweep(data, test=..., heads=...) -> SweepResult
+    Fit softmax/SVM/MLP/kNN heads on cached layers; select by cross-validation.
 """
 
 from .cache import FeatureFile
@@ -21,6 +23,7 @@ from .data import load_dataset
 from .errors import ImageDecodeError, TlpInputError
 from .extract import ExtractResult, ExtractSettings, extract
 from .models import resolve_model
+from .sweep import SweepResult, sweep  # the function shadows the submodule's name, as intended
 
 __all__ = [
     "extract",
@@ -29,6 +32,8 @@ __all__ = [
     "FeatureFile",
     "load_dataset",
     "resolve_model",
+    "sweep",
+    "SweepResult",
     "TlpInputError",
     "ImageDecodeError",
 ]

@@ -88,6 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_extract_options(extract)
     extract.set_defaults(func=_cmd_extract)
 
+    sweep = verbs.add_parser("sweep", help="sweep softmax/SVM/MLP/kNN heads over cached layers")
+    _add_extract_options(sweep)
+    sweep.add_argument("--heads", default="softmax,svm,mlp,knn", help="heads to sweep (default: %(default)s)")
+    selection = sweep.add_mutually_exclusive_group()
+    selection.add_argument("--cv", type=_positive_int, default=5, help="stratified K-fold CV on the training part (default: %(default)s)")
+    selection.add_argument("--val", type=float, default=None, help="one stratified validation split of this fraction instead of CV")
+    sweep.add_argument("--test", default=None, help="test part: a fraction of DATA (stratified, seeded) or a separate data set; never used for selection")
+    sweep.add_argument("--out", default=None, help="folder for results.csv")
+    sweep.add_argument("--n-jobs", type=int, default=None, help="parallel fits (default: all cores)")
+    sweep.add_argument("--seed", type=int, default=0, help="seed for splits and heads (default: %(default)s)")
+    sweep.set_defaults(func=_cmd_sweep)
+
     layers = verbs.add_parser("layers", help="list a model's layer presets and graph nodes")
     layers.add_argument("model", help="model name")
     layers.add_argument("--weights", default=None, help="weights file (default: the model's own if present, else random init)")
@@ -160,6 +172,42 @@ def _cmd_extract(args) -> int:
     if not args.quiet:
         _print(_extract_summary(result))
     return 0
+
+
+def _test_argument(value: str | None):
+    """``--test 0.5`` is a fraction; anything else names a data set."""
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def _cmd_sweep(args) -> int:
+    from .report import write_report
+    from .sweep import sweep
+
+    result = sweep(args.data, test=_test_argument(args.test), heads=args.heads, cv=args.cv, val=args.val,
+                   n_jobs=args.n_jobs, seed=args.seed, out=args.out, settings=_settings_from(args))
+    if args.report:
+        write_report(args.report, result.to_report())
+    if not args.quiet:
+        _print(_sweep_summary(result))
+    return 0
+
+
+def _sweep_summary(result) -> str:
+    best = result.best
+    test = "" if best.get("test_accuracy") is None else f", test accuracy {best['test_accuracy']:.4f}"
+    return "\n".join([
+        f"cross-validated accuracy ({result.n_train} training images, mean ± std over folds; * = selected):",
+        result.table(),
+        "",
+        f"best: {best['head']} on {best['layer']} with {best['params']}: CV accuracy {best['cv_accuracy']:.4f}{test}"
+        f" ({result.n_test} test images)",
+        f"timings: extract {result.timings['extract_seconds']:.1f} s, sweep {result.timings['sweep_seconds']:.1f} s",
+    ])
 
 
 def _cmd_demo(args) -> int:

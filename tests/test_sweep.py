@@ -1,0 +1,94 @@
+"""`tlp sweep`: heads as scikit-learn estimators, honest selection, the report contract."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.datasets import load_digits
+
+from pipeline.cli import main
+from pipeline.heads import HEADS, grid_scores, head_grid, make_head
+from pipeline.sweep import sweep
+
+from helpers import FAST
+
+
+def test_sweep_report_contract_and_selection_on_training_part_only(image_folder, cache_dir, tmp_path):
+    report_path, out = tmp_path / "r.json", tmp_path / "M"
+    code = main(["sweep", str(image_folder), "--image-size", "64", "--workers", "0", "--cache-dir", str(cache_dir),
+                 "--test", "0.25", "--cv", "3", "--out", str(out), "--report", str(report_path), "--quiet"])
+    assert code == 0
+    report = json.loads(report_path.read_text())
+    for key in ("case", "model", "n_train", "n_test", "best", "results", "timings"):
+        assert key in report
+    assert report["n_train"] + report["n_test"] == 24 and report["n_test"] == 6
+    assert {(r["layer"], r["head"]) for r in report["results"]} == {
+        (layer, head) for layer in ("early", "mid", "late") for head in ("softmax", "svm", "mlp", "knn")}
+    for row in report["results"]:
+        assert set(row) >= {"layer", "head", "params", "cv_accuracy", "test_accuracy", "fit_seconds"}
+        assert 0.0 <= row["cv_accuracy"] <= 1.0 and 0.0 <= row["test_accuracy"] <= 1.0
+    # Selection uses cross-validation only: the best row has the highest CV accuracy.
+    assert report["best"]["cv_accuracy"] == max(r["cv_accuracy"] for r in report["results"])
+    assert set(report["timings"]) >= {"extract_seconds", "sweep_seconds"}
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 12 and rows[0]["layer"] == "early"
+
+
+def test_test_part_is_stratified_and_never_in_training(cache_dir, image_folder):
+    result = sweep(image_folder, test=0.5, cv=2, heads=["knn"], cache_dir=cache_dir, **FAST)
+    assert result.n_train == 12 and result.n_test == 12
+    assert "*" in result.table()
+
+
+def test_separate_test_set_is_mapped_by_class_name(image_folder, cache_dir, tmp_path):
+    from helpers import write_images
+
+    test_root = tmp_path / "test"
+    write_images(test_root / "owl", 3, start=700)
+    write_images(test_root / "cat", 3, start=800)
+    result = sweep(image_folder, test=str(test_root), cv=2, heads=["softmax"], cache_dir=cache_dir, **FAST)
+    assert result.n_train == 24 and result.n_test == 6
+    assert all(row["test_accuracy"] is not None for row in result.results)
+
+
+def test_tiny_class_reduces_folds_with_a_warning(image_folder, cache_dir, caplog):
+    for path in sorted((image_folder / "owl").iterdir())[3:]:
+        path.unlink()
+    with caplog.at_level(logging.WARNING):
+        result = sweep(image_folder, cv=5, heads=["knn"], cache_dir=cache_dir, **FAST)
+    assert "using 3 folds instead of 5" in caplog.text
+    assert result.n_test == 0 and result.best["test_accuracy"] is None
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_heads_are_scikit_learn_estimators(name):
+    X, y = load_digits(return_X_y=True)
+    params = head_grid(name, y)[0]
+    estimator = make_head(name, params)
+    fitted = clone(estimator).fit(X[:600], y[:600])
+    assert fitted.predict(X[600:700]).shape == (100,)
+    assert estimator.get_params()["classifier"] is not None
+
+
+def test_warm_started_path_scores_like_independent_fits():
+    X, y = load_digits(return_X_y=True)
+    grid = head_grid("softmax", y)[::6]
+    warm, _ = grid_scores("softmax", grid, X[:800], y[:800], X[800:1200], y[800:1200])
+    cold = [float((make_head("softmax", p).fit(X[:800], y[:800]).predict(X[800:1200]) == y[800:1200]).mean())
+            for p in grid]
+    np.testing.assert_allclose(warm, cold, atol=0.01)
+
+
+def test_knn_grid_is_capped_by_class_size():
+    labels = np.array([0] * 30 + [1] * 6)
+    assert head_grid("knn", labels) == [{"k": 6}]
+
+
+def test_bad_heads_exit_2(capsys):
+    assert main(["sweep", "digits", "--heads", "svm,forest"]) == 2
+    assert "--heads" in capsys.readouterr().err
