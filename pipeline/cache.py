@@ -246,6 +246,10 @@ class FeatureFile:
         """The (N, D) features of one layer, upcast to ``dtype`` (float32 by default)."""
         return self._dataset(name)[()].astype(dtype, copy=False)
 
+    def dim(self, name: str) -> int:
+        """Length D of one layer's feature vectors."""
+        return int(self._dataset(name).shape[1])
+
     def stored_dtype(self, name: str) -> np.dtype:
         return self._dataset(name).dtype
 
@@ -436,7 +440,7 @@ class CacheDir:
                 removed.append(_remove(path))
         partial_root = self.root / ".partial"
         for shard in sorted(partial_root.glob("*/shard-*.h5")) if partial_root.is_dir() else []:
-            if partial or _shard_merged(shard, merged_digests):
+            if partial or shard_merged(shard, merged_digests):
                 removed.append(_remove(shard))
         if partial_root.is_dir():
             for directory in partial_root.iterdir():
@@ -467,7 +471,7 @@ def _writer_alive(temp: Path) -> bool:
     return pid != os.getpid()
 
 
-def _shard_merged(shard: Path, merged_digests: set[str]) -> bool:
+def shard_merged(shard: Path, merged_digests: set[str]) -> bool:
     try:
         with h5py.File(shard, "r") as handle:
             return set(_strings(handle["digests"])) <= merged_digests

@@ -301,7 +301,7 @@ def _cmd_cache_info(args) -> int:
             "n_skipped": len(features.skipped),
             "layers": {
                 name: {**{k: v for k, v in features.layer_meta(name).__dict__.items() if k != "name"},
-                       "dim": int(features._dataset(name).shape[1]), "dtype": str(features.stored_dtype(name))}
+                       "dim": features.dim(name), "dtype": str(features.stored_dtype(name))}
                 for name in features.layers
             },
         }

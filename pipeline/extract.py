@@ -33,7 +33,7 @@ from .data import Dataset, Item, Skipped, load_dataset
 from .device import autocast, resolve_device, resolve_precision, tune_cpu_allocator
 from .errors import ImageDecodeError, TlpInputError
 from .images import DECODER_ID, DEFAULT_MAX_PIXELS, decode_image
-from .layers import Tap, build_tap_extractor, resolve_taps
+from .layers import Tap, build_tap_extractor, resolve_taps, stride_of
 from .models import DEFAULT_MODEL, ModelSpec, Preprocessing, resolve_model
 from .pooling import check_pooling, pool, pooled_dim
 from .preprocess import RESIZE_METHOD, normalize, resize_and_crop
@@ -275,7 +275,7 @@ def _result_from_file(
         for name in features.layers:
             meta = features.layer_meta(name)
             dtype = features.stored_dtype(name)
-            dims = features._dataset(name).shape[1]
+            dims = features.dim(name)
             layers[name] = {
                 "node": meta.node,
                 "dim": int(dims),
@@ -491,11 +491,7 @@ def _run_forward(spec, taps, dataset, todo, settings, device, precision, shard_d
 def _meta_from_tensor(tap: Tap, fp: str, tensor: torch.Tensor, pooling: str, crop: int) -> LayerMeta:
     shape = tuple(int(v) for v in tensor.shape[1:])
     is_map = len(shape) == 3
-    stride = None
-    if is_map:
-        import math
-
-        stride = 2 ** round(math.log2(crop / shape[-1]))
+    stride = stride_of(crop, shape[-1]) if is_map else None
     return LayerMeta(
         name=tap.name,
         node=tap.node,
@@ -553,7 +549,7 @@ def _drop_absorbed_shards(cache: CacheDir, run_fp: str, final: Path) -> None:
         held = set(features.digests)
     directory = cache.partial_dir(run_fp)
     for shard in directory.glob("shard-*.h5"):
-        if cache_mod._shard_merged(shard, held):
+        if cache_mod.shard_merged(shard, held):
             shard.unlink(missing_ok=True)
     if directory.is_dir() and not any(directory.iterdir()):
         directory.rmdir()

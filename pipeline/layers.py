@@ -67,9 +67,9 @@ def _fx_helpers(spec: ModelSpec):
     return get_graph_node_names, create_feature_extractor
 
 
-def _stride(map_side: int) -> int:
+def stride_of(input_side: int, map_side: int) -> int:
     """Stride of a feature map, as the nearest power of two (unpadded nets round down)."""
-    return 2 ** round(math.log2(_PROBE_SIZE / map_side))
+    return 2 ** round(math.log2(input_side / map_side))
 
 
 def _module_output_shapes(model: nn.Module, modules: list[str]) -> dict[str, tuple[int, ...]]:
@@ -97,7 +97,7 @@ def _preset_nodes(spec_key: str, spec: ModelSpec) -> dict[str, str]:
     family = family_for(_family_key(spec))
     stages = family.stage_modules(model)
     shapes = _module_output_shapes(model, stages)
-    strides = {n: _stride(s[-1]) for n, s in shapes.items() if len(s) == 3}
+    strides = {n: stride_of(_PROBE_SIZE, s[-1]) for n, s in shapes.items() if len(s) == 3}
     ordered = [n for n in stages if n in strides]
 
     def last_at_most(limit: int) -> str:
@@ -197,7 +197,7 @@ def list_nodes(spec: ModelSpec, model: nn.Module | None = None) -> list[NodeInfo
         if not isinstance(value, torch.Tensor) or value.ndim not in (2, 4):
             continue
         shape = tuple(value.shape[1:])
-        stride = _stride(shape[-1]) if len(shape) == 3 else None
+        stride = stride_of(_PROBE_SIZE, shape[-1]) if len(shape) == 3 else None
         infos.append(NodeInfo(node=node, shape=shape, channels=shape[0], stride=stride))
     return infos
 
