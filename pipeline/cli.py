@@ -43,7 +43,7 @@ def _add_extract_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", default=None, help="state-dict file, or 'none' for random initialisation (default: the model's own)")
     parser.add_argument("--download", action="store_true", help="let torchvision download missing weights")
     parser.add_argument("--layers", default=",".join(DEFAULT_LAYERS), help="presets early,mid,late,penultimate,logits or graph node names (default: %(default)s)")
-    parser.add_argument("--pool", default="avg", help="avg, max, avgmax or gridK (default: %(default)s)")
+    parser.add_argument("--pool", default=None, help="avg, max, avgmax, gridK, auto (grid2 for early/mid, avg elsewhere), or LAYER=POOL pairs (default: avg; auto for sweep)")
     parser.add_argument("--image-size", type=_positive_int, default=None, help="crop size fed to the network (default: from the weights)")
     parser.add_argument("--batch-size", type=_positive_int, default=32, help="images per forward pass (default: %(default)s)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 on CUDA and on CPUs with AVX512-BF16/AMX, else fp32")
@@ -63,7 +63,7 @@ def _settings_from(args):
     return ExtractSettings(
         model=args.model,
         layers=tuple(p.strip() for p in args.layers.split(",") if p.strip()),
-        pool=args.pool,
+        pool=args.pool or ("auto" if args.verb == "sweep" else "avg"),
         image_size=args.image_size,
         precision=args.precision,
         dtype=args.dtype,
@@ -99,6 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--n-jobs", type=int, default=None, help="parallel fits (default: all cores)")
     sweep.add_argument("--seed", type=int, default=0, help="seed for splits and heads (default: %(default)s)")
     sweep.set_defaults(func=_cmd_sweep)
+
+    predict = verbs.add_parser("predict", help="label image files with a saved head (or the network's ImageNet labels)")
+    predict.add_argument("inputs", nargs="+", help="MODEL_DIR IMAGES... (or IMAGES... with --imagenet)")
+    predict.add_argument("--imagenet", action="store_true", help="use the pretrained network's own ImageNet labels")
+    predict.add_argument("--model", default=None, help="model for --imagenet (default: efficientnet_lite0)")
+    predict.add_argument("--weights", default=None, help="weights file for --imagenet")
+    predict.add_argument("--top-k", type=_positive_int, default=None, help="labels per image (default: 1; 5 with --imagenet)")
+    predict.add_argument("--out", default=None, help="write path,label,probability rows to this CSV file")
+    predict.add_argument("--batch-size", type=_positive_int, default=32)
+    predict.add_argument("--device", default="auto")
+    predict.add_argument("--on-error", choices=("fail", "skip"), default="fail")
+    predict.set_defaults(func=_cmd_predict)
 
     layers = verbs.add_parser("layers", help="list a model's layer presets and graph nodes")
     layers.add_argument("model", help="model name")
@@ -208,6 +220,41 @@ def _sweep_summary(result) -> str:
         f" ({result.n_test} test images)",
         f"timings: extract {result.timings['extract_seconds']:.1f} s, sweep {result.timings['sweep_seconds']:.1f} s",
     ])
+
+
+def _cmd_predict(args) -> int:
+    import csv
+
+    from .models import DEFAULT_MODEL
+    from .predict import imagenet_top_k, load_head, predict_files
+    from .report import format_table
+
+    if args.imagenet:
+        top_k = args.top_k or 5
+        rows, skipped = imagenet_top_k(args.model or DEFAULT_MODEL, args.inputs, top_k=top_k, weights=args.weights,
+                                       batch_size=args.batch_size, device=args.device, on_error=args.on_error)
+    else:
+        if len(args.inputs) < 2:
+            raise TlpInputError("tlp predict needs MODEL_DIR and at least one image (or --imagenet IMAGES...)")
+        if args.model or args.weights:
+            raise TlpInputError("--model and --weights go with --imagenet; a saved head names its own model")
+        top_k = args.top_k or 1
+        saved = load_head(args.inputs[0])
+        rows, skipped = predict_files(saved, args.inputs[1:], top_k=top_k, batch_size=args.batch_size,
+                                      device=args.device, on_error=args.on_error)
+    header = ["path", "label", "probability"] + [f"{name}_{i}" for i in range(2, top_k + 1)
+                                                 for name in ("label", "probability")]
+    table = [[row["path"]] + [v for pair in zip(row["labels"], row["probabilities"]) for v in pair] for row in rows]
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            writer.writerows(table)
+    _print(format_table([[r[0], r[1], f"{r[2]:.3f}"] for r in table], ["path", "label", "probability"]))
+    for skip in skipped:
+        _print(f"skipped {skip['path']}: {skip['reason']}")
+    return 0
 
 
 def _cmd_demo(args) -> int:

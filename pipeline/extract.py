@@ -35,7 +35,7 @@ from .errors import ImageDecodeError, TlpInputError
 from .images import DECODER_ID, DEFAULT_MAX_PIXELS, decode_image
 from .layers import Tap, build_tap_extractor, resolve_taps, stride_of
 from .models import DEFAULT_MODEL, ModelSpec, Preprocessing, resolve_model
-from .pooling import check_pooling, pool, pooled_dim
+from .pooling import parse_pooling, pool, pooled_dim, pooling_for_taps
 from .preprocess import RESIZE_METHOD, normalize, resize_and_crop
 
 __all__ = ["ExtractSettings", "ExtractResult", "extract", "DEFAULT_LAYERS"]
@@ -52,7 +52,7 @@ class ExtractSettings:
 
     model: str = DEFAULT_MODEL  # key: model name, optionally ":WEIGHTS" (torchvision enum)
     layers: tuple[str, ...] = DEFAULT_LAYERS  # key: presets or graph node names
-    pool: str = "avg"  # key: avg, max, avgmax or gridK
+    pool: str = "avg"  # key: avg, max, avgmax, gridK, auto, or LAYER=POOL pairs
     image_size: int | None = None  # key: crop size override (None: from the weights)
     precision: str = "auto"  # key once resolved: auto, fp32, bf16, fp16
     dtype: str = "float16"  # key: storage dtype; float16 layers that overflow become float32
@@ -72,7 +72,7 @@ class ExtractSettings:
         if isinstance(self.layers, str):
             layers = tuple(p.strip() for p in self.layers.split(",") if p.strip())
             return dataclasses.replace(self, layers=layers).validated()
-        check_pooling(self.pool)
+        parse_pooling(self.pool)
         if self.dtype not in DTYPE_POLICIES:
             raise TlpInputError(f"--dtype must be float16 or float32, got {self.dtype!r}")
         for name in ("batch_size", "commit_every"):
@@ -189,11 +189,12 @@ def extract(data, settings: ExtractSettings | None = None, **overrides) -> Extra
 
     extractor_identity = _extractor_identity(spec, precision, device, settings)
     extractor_fp = fingerprint(extractor_identity)
-    layer_fps = {tap.name: _layer_fingerprint(extractor_fp, tap, settings.pool) for tap in taps}
+    pools = pooling_for_taps(settings.pool, [tap.name for tap in taps])
+    layer_fps = {tap.name: _layer_fingerprint(extractor_fp, tap, pools[tap.name]) for tap in taps}
     run_fp = fingerprint({"extractor": extractor_fp, "layers": sorted(layer_fps.values())})
     key_spec = {
         "extractor": extractor_identity,
-        "layers": [[tap.name, tap.node, settings.pool] for tap in taps],
+        "layers": [[tap.name, tap.node, pools[tap.name]] for tap in taps],
         "data": dataset.identity(),
         "skipped_before_extraction": [s.to_dict() for s in dataset.skipped],
     }
@@ -215,7 +216,7 @@ def extract(data, settings: ExtractSettings | None = None, **overrides) -> Extra
     if todo:
         mark = time.perf_counter()
         new_metas = _run_forward(
-            spec, taps, dataset, todo, settings, device, precision,
+            spec, taps, pools, dataset, todo, settings, device, precision,
             cache.partial_dir(run_fp), layer_fps,
         )
         timings["forward_seconds"] = time.perf_counter() - mark
@@ -235,7 +236,7 @@ def extract(data, settings: ExtractSettings | None = None, **overrides) -> Extra
         try:
             if remaining:
                 raise FileNotFoundError(f"{len(remaining)} images lost their rows")
-            metas = _layer_metas(taps, layer_fps, settings.pool, new_metas, sources)
+            metas = _layer_metas(taps, layer_fps, new_metas, sources)
             _assemble(final, key, key_spec, spec, precision, dataset, plan, taps, metas, layer_fps, skipped, settings)
             break
         except (FileNotFoundError, KeyError, OSError) as error:
@@ -323,7 +324,7 @@ def _assign_rows(items: list[Item], sources: list[RowSource]):
     return plan, todo, skipped
 
 
-def _layer_metas(taps, layer_fps, pooling, new_metas, sources) -> dict[str, LayerMeta]:
+def _layer_metas(taps, layer_fps, new_metas, sources) -> dict[str, LayerMeta]:
     metas = {}
     for tap in taps:
         fp = layer_fps[tap.name]
@@ -444,7 +445,7 @@ class _ShardWriter:
         self.rows = {fp: [] for fp in self.layer_fps.values()}
 
 
-def _run_forward(spec, taps, dataset, todo, settings, device, precision, shard_dir, layer_fps) -> dict[str, LayerMeta]:
+def _run_forward(spec, taps, pools, dataset, todo, settings, device, precision, shard_dir, layer_fps) -> dict[str, LayerMeta]:
     """Forward passes over ``todo``; commits shards; returns layer metadata by fingerprint."""
     from tqdm.auto import tqdm
 
@@ -476,8 +477,8 @@ def _run_forward(spec, taps, dataset, todo, settings, device, precision, shard_d
                         fp = layer_fps[tap.name]
                         tensor = outputs[tap.node]
                         if fp not in writer.metas:
-                            writer.metas[fp] = _meta_from_tensor(tap, fp, tensor, settings.pool, prep.crop_size)
-                        pooled[fp] = pool(tensor, settings.pool).cpu().numpy()
+                            writer.metas[fp] = _meta_from_tensor(tap, fp, tensor, pools[tap.name], prep.crop_size)
+                        pooled[fp] = pool(tensor, pools[tap.name]).cpu().numpy()
                 writer.add([todo[p].digest for p in good], pooled, [(d, r) for d, r, _ in bad])
                 bar.update(len(positions))
             writer.commit()

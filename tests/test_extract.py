@@ -218,3 +218,18 @@ def test_warm_hit_builds_no_network(image_folder, cache_dir, monkeypatch):
     monkeypatch.setattr(models.ModelSpec, "build", refuse)
     again = extract(image_folder, cache_dir=cache_dir, **FAST)
     assert again.key == first.key and again.n_extracted == 0
+
+
+def test_per_layer_pooling_auto_and_pairs(image_folder, cache_dir):
+    from pipeline.pooling import pooling_for_taps
+
+    assert pooling_for_taps("auto", ["early", "mid", "late"]) == {"early": "grid2", "mid": "grid2", "late": "avg"}
+    assert pooling_for_taps("late=max,avgmax", ["early", "late"]) == {"early": "avgmax", "late": "max"}
+    with pytest.raises(TlpInputError, match="not among --layers"):
+        pooling_for_taps("penultimate=avg", ["early"])
+    result = extract(image_folder, cache_dir=cache_dir, pool="auto", **FAST)
+    assert [result.layers[n]["dim"] for n in ("early", "mid", "late")] == [160, 448, 1280]
+    assert result.layers["early"]["pooling"] == "grid2" and result.layers["late"]["pooling"] == "avg"
+    # Rows of the avg-pooled late layer are shared with a plain avg run.
+    plain = extract(image_folder, cache_dir=cache_dir, layers=("late",), **FAST)
+    assert plain.n_extracted == 0
