@@ -79,6 +79,8 @@ def test_warm_started_path_scores_like_independent_fits():
     X, y = load_digits(return_X_y=True)
     grid = head_grid("softmax", y)[::6]
     warm, _ = grid_scores("softmax", grid, X[:800], y[:800], X[800:1200], y[800:1200])
+    reached = [i for i, s in enumerate(warm) if s != float("-inf")]
+    warm, grid = [warm[i] for i in reached], [grid[i] for i in reached]
     cold = [float((make_head("softmax", p).fit(X[:800], y[:800]).predict(X[800:1200]) == y[800:1200]).mean())
             for p in grid]
     np.testing.assert_allclose(warm, cold, atol=0.01)
@@ -92,3 +94,16 @@ def test_knn_grid_is_capped_by_class_size():
 def test_bad_heads_exit_2(capsys):
     assert main(["sweep", "digits", "--heads", "svm,forest"]) == 2
     assert "--heads" in capsys.readouterr().err
+
+
+def test_softmax_path_stops_past_its_peak():
+    from pipeline.heads import PATH_PATIENCE
+
+    X, y = load_digits(return_X_y=True)
+    grid = head_grid("softmax", y)
+    scores, _ = grid_scores("softmax", grid, X[:800], y[:800], X[800:1200], y[800:1200])
+    assert len(scores) == len(grid) == 45
+    reached = [s for s in scores if s != float("-inf")]
+    best = int(np.argmax(scores))
+    assert len(reached) == min(45, best + PATH_PATIENCE + 1)
+    assert max(reached) >= 0.9
