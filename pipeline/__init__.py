@@ -14,6 +14,8 @@ load_dataset(data) -> Dataset
     Scan a folder, CSV manifest or built-in data set.
 resolve_model(name) -> ModelSpec
     Model, weights and preprocessing without building the network.
+CachedFeatures(cache_file, layer)
+    scikit-learn transformer: image paths -> cached features (for your own Pipeline).
 sweep(data, test=..., heads=...) -> SweepResult
     Fit softmax/SVM/MLP/kNN heads on cached layers; select by cross-validation.
 """
@@ -22,6 +24,7 @@ from .cache import FeatureFile
 from .data import load_dataset
 from .errors import ImageDecodeError, TlpInputError
 from .extract import ExtractResult, ExtractSettings, extract
+from .features import CachedFeatures
 from .models import resolve_model
 from .sweep import SweepResult, sweep  # the function shadows the submodule's name, as intended
 
@@ -30,6 +33,7 @@ __all__ = [
     "ExtractSettings",
     "ExtractResult",
     "FeatureFile",
+    "CachedFeatures",
     "load_dataset",
     "resolve_model",
     "sweep",

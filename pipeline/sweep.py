@@ -242,12 +242,25 @@ def sweep(
     )
     if out is not None:
         result.to_csv(Path(out) / "results.csv")
+        _write_plots(result, Path(out), estimators, test_X, y_test)
         from .predict import save_head
 
         with FeatureFile(extracted.path) as features:
             save_head(out, estimators[(best["layer"], best["head"])], head=best["head"], params=best["params"],
                       layer=best["layer"], extract_result=extracted, settings=settings, features_file=features)
     return result
+
+
+def _write_plots(result: SweepResult, out: Path, estimators, test_X, y_test) -> None:
+    """accuracy_by_depth.png always; confusion_matrix.png of the winner when there is a test part."""
+    from .plots import plot_accuracy_by_depth, plot_confusion_matrix
+
+    plot_accuracy_by_depth(result.results, out / "accuracy_by_depth.png", title=f"{result.model}: CV accuracy by depth")
+    if len(y_test):
+        best = result.best
+        predicted = estimators[(best["layer"], best["head"])].predict(test_X[best["layer"]])
+        plot_confusion_matrix(y_test, predicted, result.classes, out / "confusion_matrix.png",
+                              title=f"{best['head']} on {best['layer']}, test part")
 
 
 def _aggregate(fold_results, grids, layers, heads) -> list[dict]:

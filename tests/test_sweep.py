@@ -107,3 +107,30 @@ def test_softmax_path_stops_past_its_peak():
     best = int(np.argmax(scores))
     assert len(reached) == min(45, best + PATH_PATIENCE + 1)
     assert max(reached) >= 0.9
+
+
+def test_sweep_out_writes_plots(image_folder, cache_dir, tmp_path):
+    out = tmp_path / "M"
+    sweep(image_folder, test=0.25, cv=2, heads=["knn"], out=out, cache_dir=cache_dir, **FAST)
+    for name in ("accuracy_by_depth.png", "confusion_matrix.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cached_features_transformer_in_a_grid_search(image_folder, cache_dir):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.pipeline import make_pipeline
+
+    from pipeline import CachedFeatures, FeatureFile, extract
+    from pipeline.errors import TlpInputError
+
+    result = extract(image_folder, cache_dir=cache_dir, **FAST)
+    with FeatureFile(result.path) as features:
+        paths, labels, late = features.paths, features.labels, features.load("late")
+    transformer = CachedFeatures(result.path, layer="late").fit()
+    np.testing.assert_array_equal(transformer.transform(paths[::-1]), late[::-1])
+    model = make_pipeline(CachedFeatures(result.path), LogisticRegression(max_iter=500))
+    search = GridSearchCV(model, {"cachedfeatures__layer": ["early", "mid", "late"]}, cv=2).fit(paths, labels)
+    assert search.best_params_["cachedfeatures__layer"] in ("early", "mid", "late")
+    with pytest.raises(TlpInputError, match="not in cache file"):
+        transformer.transform(["cat/unknown.jpg"])

@@ -1,0 +1,75 @@
+"""PNG plots for people: accuracy versus depth per head, and a confusion matrix.
+
+matplotlib is imported lazily with the non-interactive Agg backend, so plotting works
+on machines without a display and costs nothing when no plot is asked for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["plot_accuracy_by_depth", "plot_confusion_matrix"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy_by_depth(results: list[dict], path: str | Path, title: str = "") -> Path:
+    """One line per head: CV accuracy (mean ± std) at each layer, in sweep order."""
+    plt = _pyplot()
+    layers = list(dict.fromkeys(row["layer"] for row in results))
+    heads = list(dict.fromkeys(row["head"] for row in results))
+    figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
+    for head in heads:
+        rows = {row["layer"]: row for row in results if row["head"] == head}
+        means = np.array([rows[layer]["cv_accuracy"] for layer in layers])
+        stds = np.array([rows[layer].get("cv_std", 0.0) for layer in layers])
+        axes.errorbar(range(len(layers)), means, yerr=stds, marker="o", capsize=3, label=head)
+    axes.set_xticks(range(len(layers)), layers)
+    axes.set_xlabel("layer (shallow to deep)")
+    axes.set_ylabel("cross-validated accuracy")
+    axes.set_title(title or "accuracy versus depth")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def plot_confusion_matrix(y_true, y_pred, classes: list[str], path: str | Path, title: str = "") -> Path:
+    """Counts of true (rows) versus predicted (columns) classes."""
+    from sklearn.metrics import confusion_matrix
+
+    plt = _pyplot()
+    matrix = confusion_matrix(y_true, y_pred, labels=range(len(classes)))
+    size = max(4.0, 0.45 * len(classes) + 2)
+    figure, axes = plt.subplots(figsize=(size, size), dpi=120)
+    axes.imshow(matrix, cmap="Blues")
+    if len(classes) <= 30:
+        for (row, column), count in np.ndenumerate(matrix):
+            if count:
+                color = "white" if count > matrix.max() / 2 else "black"
+                axes.text(column, row, str(count), ha="center", va="center", fontsize=8, color=color)
+        axes.set_xticks(range(len(classes)), classes, rotation=90 if len(classes) > 10 else 0)
+        axes.set_yticks(range(len(classes)), classes)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    accuracy = float(np.trace(matrix) / max(1, matrix.sum()))
+    axes.set_title(f"{title} (accuracy {accuracy:.3f})" if title else f"accuracy {accuracy:.3f}")
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+    return path
