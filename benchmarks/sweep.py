@@ -302,6 +302,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: layers {','.join(QUICK_LAYERS)}, heads {','.join(QUICK_HEADS)} "
                              "(--layers/--heads still override)")
+    parser.add_argument("--baseline-n-jobs", type=int, default=None,
+                        help="GridSearchCV's n_jobs if it should differ (1 = its own default, one core); default: --n-jobs")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved tlp/GridSearchCV pairs; medians reported (default 1)")
     parser.add_argument("--cache-dir", type=Path, help="feature cache to use and keep (default: a temporary folder)")
     args = parser.parse_args(argv)
@@ -336,11 +338,14 @@ def run(args, cache_dir: Path) -> dict:
     for repeat in range(args.repeats):
         tlp_runs.append(run_tlp(cache_dir, args.layers, args.heads, args.n_jobs))
         print(f"repeat {repeat + 1}: tlp {tlp_runs[-1]['seconds']:.2f} s", flush=True)
-        gs_runs.append(run_gridsearch(X_train, y_train, folds, args.heads, args.n_jobs))
+        baseline_jobs = args.n_jobs if args.baseline_n_jobs is None else args.baseline_n_jobs
+        gs_runs.append(run_gridsearch(X_train, y_train, folds, args.heads, baseline_jobs))
         print(f"repeat {repeat + 1}: GridSearchCV {gs_runs[-1]['seconds']:.2f} s", flush=True)
     busy = (busy_before, cpu_busy_fraction())
     n_jobs = os.cpu_count() if args.n_jobs == -1 else args.n_jobs
-    return build_report(args, grids, n_jobs, dims, len(y_train), folds, tlp_runs, gs_runs, workers, busy)
+    report = build_report(args, grids, n_jobs, dims, len(y_train), folds, tlp_runs, gs_runs, workers, busy)
+    report["gridsearch_n_jobs"] = args.n_jobs if args.baseline_n_jobs is None else args.baseline_n_jobs
+    return report
 
 
 def main(argv=None) -> int:

@@ -134,3 +134,17 @@ def test_cached_features_transformer_in_a_grid_search(image_folder, cache_dir):
     assert search.best_params_["cachedfeatures__layer"] in ("early", "mid", "late")
     with pytest.raises(TlpInputError, match="not in cache file"):
         transformer.transform(["cat/unknown.jpg"])
+
+
+def test_linear_svm_path_stops_but_rbf_points_always_run():
+    from pipeline.heads import SVM_PATH_PATIENCE
+
+    X, y = load_digits(return_X_y=True)
+    grid = head_grid("svm", y[:800])
+    scores, _ = grid_scores("svm", grid, X[:800], y[:800], X[800:1200], y[800:1200])
+    linear = [s for p, s in zip(grid, scores) if p["kernel"] == "linear"]
+    rbf = [s for p, s in zip(grid, scores) if p["kernel"] == "rbf"]
+    assert len(rbf) == 3 and all(s > 0.5 for s in rbf)
+    fitted = [s for s in linear if s != float("-inf")]
+    best = int(np.argmax(fitted))
+    assert len(fitted) == min(len(linear), best + SVM_PATH_PATIENCE + 1)
