@@ -22,6 +22,15 @@ def _pyplot():
     return plt
 
 
+def _save(plt, figure, path: str | Path) -> Path:
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
 def plot_accuracy_by_depth(results: list[dict], path: str | Path, title: str = "") -> Path:
     """One line per head: CV accuracy (mean ± std) at each layer, in sweep order."""
     plt = _pyplot()
@@ -39,12 +48,7 @@ def plot_accuracy_by_depth(results: list[dict], path: str | Path, title: str = "
     axes.set_title(title or "accuracy versus depth")
     axes.grid(alpha=0.3)
     axes.legend()
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    plt.close(figure)
-    return path
+    return _save(plt, figure, path)
 
 
 def plot_confusion_matrix(y_true, y_pred, classes: list[str], path: str | Path, title: str = "") -> Path:
@@ -67,9 +71,4 @@ def plot_confusion_matrix(y_true, y_pred, classes: list[str], path: str | Path, 
     axes.set_ylabel("true")
     accuracy = float(np.trace(matrix) / max(1, matrix.sum()))
     axes.set_title(f"{title} (accuracy {accuracy:.3f})" if title else f"accuracy {accuracy:.3f}")
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    plt.close(figure)
-    return path
+    return _save(plt, figure, path)

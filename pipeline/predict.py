@@ -191,12 +191,16 @@ def predict_files(saved: SavedHead, paths: list[str], *, top_k: int = 1, batch_s
     X = features[tap.name].astype(spec.get("storage_dtype", "float32")).astype(np.float32)
     probabilities = _probabilities(saved.estimator, X) if len(kept) else np.zeros((0, len(saved.classes)))
     model_classes = [saved.classes[int(c)] for c in saved.estimator.classes_]
+    return _top_k_rows(kept, probabilities, model_classes, top_k), skipped
+
+
+def _top_k_rows(paths: list[str], probabilities: np.ndarray, names, top_k: int) -> list[dict]:
+    """``{"path", "labels", "probabilities"}`` per image, most probable first."""
     rows = []
-    for path, row in zip(kept, probabilities):
+    for path, row in zip(paths, probabilities):
         order = np.argsort(-row, kind="stable")[:top_k]
-        rows.append({"path": path, "labels": [model_classes[i] for i in order],
-                     "probabilities": [float(row[i]) for i in order]})
-    return rows, skipped
+        rows.append({"path": path, "labels": [names[i] for i in order], "probabilities": [float(row[i]) for i in order]})
+    return rows
 
 
 def _probabilities(estimator, X: np.ndarray) -> np.ndarray:
@@ -229,9 +233,4 @@ def imagenet_top_k(model: str, paths: list[str], *, top_k: int = 5, weights=None
     logits = torch.from_numpy(features[tap.name])
     probabilities = logits.softmax(dim=1).numpy() if len(kept) else np.zeros((0, 1000))
     categories = imagenet_categories() if len(model_spec.categories) == 1000 else model_spec.categories
-    rows = []
-    for path, row in zip(kept, probabilities):
-        order = np.argsort(-row, kind="stable")[:top_k]
-        rows.append({"path": path, "labels": [categories[i] for i in order],
-                     "probabilities": [float(row[i]) for i in order]})
-    return rows, skipped
+    return _top_k_rows(kept, probabilities, categories, top_k), skipped
