@@ -73,7 +73,9 @@ def _softmax(params: dict, seed: int):
 def _svm(params: dict, seed: int):
     if params.get("kernel", "linear") == "rbf":
         return SVC(kernel="rbf", C=params["C"], gamma="scale", random_state=seed)
-    return LinearSVC(C=params["C"], max_iter=SVM_MAX_ITER, random_state=seed)
+    # The dual solver always: sklearn's "auto" picks the primal when samples outnumber
+    # features, which took 7.5 s instead of 0.9 s at C=1 on digits' mid layer (same accuracy).
+    return LinearSVC(C=params["C"], dual=True, max_iter=SVM_MAX_ITER, random_state=seed)
 
 
 def _svm_grid(labels: np.ndarray) -> list[dict]:
