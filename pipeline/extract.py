@@ -336,19 +336,25 @@ def _layer_metas(taps, layer_fps, new_metas, sources) -> dict[str, LayerMeta]:
 
 
 # ----------------------------------------------------------------------------- forward pass
-def _decode(dataset: Dataset, item: Item, max_pixels: int):
-    """(decoded RGB image, None) or (None, reason): failures are data, not exceptions."""
+def _prepare(dataset: Dataset, item: Item, prep: Preprocessing, max_pixels: int):
+    """(uint8 (3, H, W) pixels, None) or (None, reason): failures are data, not exceptions."""
     try:
-        return decode_image(dataset.read_bytes(item), item.path, max_pixels=max_pixels), None
+        image = decode_image(dataset.read_bytes(item), item.path, max_pixels=max_pixels)
     except ImageDecodeError as error:
         return None, error.reason
+    return resize_and_crop(image, prep), None
+
+
+def stack_channels_last(pixels: list[torch.Tensor]) -> torch.Tensor:
+    """Stack (3, H, W) uint8 images as (B, H, W, 3) and view them as (B, 3, H, W):
+    channels-last without a transposing copy."""
+    return torch.stack([p.permute(1, 2, 0) for p in pixels]).permute(0, 3, 1, 2)
 
 
 def _batch(positions, samples):
     """(positions, positions decoded, uint8 (B,3,H,W) or None, [(position, reason)])."""
     good = [(p, pixels) for p, (pixels, _) in zip(positions, samples) if pixels is not None]
-    # Stack as (B, H, W, 3) and view as (B, 3, H, W): channels-last without a transposing copy.
-    stacked = torch.stack([pixels.permute(1, 2, 0) for _, pixels in good]).permute(0, 3, 1, 2) if good else None
+    stacked = stack_channels_last([pixels for _, pixels in good]) if good else None
     failures = [(p, reason) for p, (pixels, reason) in zip(positions, samples) if pixels is None]
     return list(positions), [p for p, _ in good], stacked, failures
 
@@ -363,8 +369,7 @@ class _DecodeSet(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, position: int):
-        image, reason = _decode(self.dataset, self.items[position], self.max_pixels)
-        return position, (None if image is None else resize_and_crop(image, self.prep), reason)
+        return position, _prepare(self.dataset, self.items[position], self.prep, self.max_pixels)
 
 
 def _collate(samples):
@@ -386,8 +391,7 @@ class _ThreadedBatches:
         self.batch_size = batch_size
 
     def _prepare(self, position: int):
-        image, reason = _decode(self.dataset, self.items[position], self.max_pixels)
-        return (None if image is None else resize_and_crop(image, self.prep)), reason
+        return _prepare(self.dataset, self.items[position], self.prep, self.max_pixels)
 
     def __iter__(self):
         from concurrent.futures import ThreadPoolExecutor

@@ -22,6 +22,7 @@ import torch
 
 from .device import autocast, resolve_device, resolve_precision, tune_cpu_allocator
 from .errors import ImageDecodeError, TlpInputError
+from .extract import stack_channels_last
 from .images import DEFAULT_MAX_PIXELS, decode_image
 from .layers import Tap, build_tap_extractor
 from .models import imagenet_categories, resolve_model
@@ -160,7 +161,7 @@ def _file_features(paths: list[str], model_spec, taps: list[Tap], pools: dict[st
             skipped.append({"path": path, "reason": failure.reason})
         if not pixels:
             continue
-        batch = torch.stack([p.permute(1, 2, 0) for p in pixels]).permute(0, 3, 1, 2)
+        batch = stack_channels_last(pixels)
         with torch.inference_mode(), autocast(device, precision):
             outputs = extractor(normalize(batch.to(device), prep))
         for tap in taps:
