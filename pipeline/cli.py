@@ -137,11 +137,87 @@ def build_parser() -> argparse.ArgumentParser:
     for action in ("info", "verify", "rm", "gc", "ls"):  # accept --cache-dir after the action too
         actions.choices[action].add_argument("--cache-dir", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
-    demo = verbs.add_parser("demo", help="run the main job offline on the built-in digits with the default model")
+    finetune = verbs.add_parser("finetune", help="fine-tune the network with a new classifier layer (large data, cases 3-4)")
+    _add_finetune_options(finetune)
+    finetune.set_defaults(func=_cmd_finetune)
+
+    advise = verbs.add_parser("advise", help="measure size and similarity, print the case (1-4) and its recipe")
+    _add_planner_options(advise)
+    advise.set_defaults(func=_cmd_advise)
+
+    run = verbs.add_parser("run", help="advise, then extract+sweep (cases 1-2) or fine-tune (cases 3-4)")
+    _add_planner_options(run)
+    _add_run_options(run)
+    run.set_defaults(func=_cmd_run)
+
+    demo = verbs.add_parser("demo", help="`tlp run` offline on the built-in digits with the default model")
     demo.add_argument("--cache-dir", default="cache", help="cache root (default: %(default)s)")
+    demo.add_argument("--out", default="tlp-demo", help="folder for the plots, results.csv and the saved model (default: %(default)s)")
     demo.add_argument("--report", default=None, help="write a JSON report to this file")
+    demo.add_argument("--image-size", type=_positive_int, default=None, help="crop size fed to the network (default: from the weights)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=_cmd_demo)
     return parser
+
+
+def _add_planner_options(parser: argparse.ArgumentParser) -> None:
+    from .models import DEFAULT_MODEL
+    from .plan import LARGE_PER_CLASS
+
+    parser.add_argument("data", help="folder (one sub-folder per class), CSV manifest (path,label), 'digits' or 'photos'")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model name (default: %(default)s)")
+    parser.add_argument("--weights", default=None, help="state-dict file, or 'none' for random initialisation")
+    parser.add_argument("--image-size", type=_positive_int, default=None, help="crop size fed to the network (default: from the weights)")
+    parser.add_argument("--large-per-class", type=_positive_int, default=LARGE_PER_CLASS,
+                        help="images per class (median) from which data counts as large (default: %(default)s)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto", help="extraction precision")
+    parser.add_argument("--cache-dir", default="cache", help="cache root (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for samples and splits (default: %(default)s)")
+    parser.add_argument("--report", default=None, help="write a JSON report to this file")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or tables")
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--test", default=None, help="test part: a fraction of DATA (stratified, seeded) or a separate data set")
+    parser.add_argument("--out", default=None, help="folder for plots, results and the saved model (fine-tuning checkpoints too)")
+    parser.add_argument("--n-jobs", type=int, default=None, help="parallel head fits (default: all cores)")
+    parser.add_argument("--epochs", type=_positive_int, default=10, help="fine-tuning epochs, cases 3-4 (default: %(default)s)")
+
+
+def _add_finetune_options(parser: argparse.ArgumentParser) -> None:
+    from .device import PRECISIONS
+    from .finetune import FinetuneSettings
+    from .models import DEFAULT_MODEL
+
+    d = FinetuneSettings()
+    parser.add_argument("data", help="folder (one sub-folder per class), CSV manifest (path,label), or a built-in name")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model name (default: %(default)s)")
+    parser.add_argument("--weights", default=None, help="state-dict file, or 'none' for random initialisation")
+    parser.add_argument("--test", default=None, help="test part: a fraction of DATA (stratified, seeded) or a separate data set")
+    parser.add_argument("--case", choices=("auto", "3", "4"), default="auto",
+                        help="3: freeze the first 70%%; 4: train the whole network; auto: measure similarity (default)")
+    parser.add_argument("--freeze", default=None, help="fraction of parameterised layers to freeze (0.7), or a module name to freeze up to")
+    parser.add_argument("--from-scratch", action="store_true", help="random initialisation instead of pretrained weights (case 4's alternative)")
+    parser.add_argument("--epochs", type=_positive_int, default=d.epochs, help="(default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=d.lr, help="learning rate of the new classifier layer, AdamW (default: %(default)s)")
+    parser.add_argument("--backbone-lr-mult", type=float, default=d.backbone_lr_mult, help="pretrained layers train at lr x this (default: %(default)s)")
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay, help="(default: %(default)s)")
+    parser.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear warm-up before the cosine decay (default: %(default)s)")
+    parser.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="(default: %(default)s)")
+    parser.add_argument("--image-size", type=_positive_int, default=None, help="crop size fed to the network (default: from the weights)")
+    parser.add_argument("--val", type=float, default=d.val, help="validation fraction for early stopping and best-epoch selection; 0 = none (default: %(default)s)")
+    parser.add_argument("--patience", type=_positive_int, default=d.patience, help="epochs without a better validation accuracy before stopping (default: %(default)s)")
+    parser.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="(default: %(default)s)")
+    parser.add_argument("--no-hflip", action="store_true", help="no random horizontal flips (for text, digits, anything with a handedness)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 autocast on capable CPUs and CUDA, else fp32")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
+    parser.add_argument("--out", default=None, help="folder for model.pt, model.json, history.csv/png and checkpoints/ (resumable)")
+    parser.add_argument("--restart", action="store_true", help="discard checkpoints in --out instead of resuming")
+    parser.add_argument("--cache-dir", default="cache", help="cache root for --case auto's measurements (default: %(default)s)")
+    parser.add_argument("--on-error", choices=("fail", "skip"), default="fail")
+    parser.add_argument("--report", default=None, help="write a JSON report to this file")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 # ----------------------------------------------------------------------------- verbs
@@ -257,15 +333,101 @@ def _cmd_predict(args) -> int:
     return 0
 
 
-def _cmd_demo(args) -> int:
-    from .extract import extract
+def _finetune_settings(args):
+    from .finetune import FinetuneSettings
+
+    return FinetuneSettings(
+        model=args.model, weights=args.weights, image_size=args.image_size, case=args.case, freeze=args.freeze,
+        from_scratch=args.from_scratch, epochs=args.epochs, lr=args.lr, backbone_lr_mult=args.backbone_lr_mult,
+        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, batch_size=args.batch_size, val=args.val,
+        patience=args.patience, label_smoothing=args.label_smoothing, hflip=not args.no_hflip,
+        precision=args.precision, device=args.device, seed=args.seed, on_error=args.on_error,
+        cache_dir=args.cache_dir, progress=not args.quiet,
+    )
+
+
+def _cmd_finetune(args) -> int:
+    from .finetune import finetune
     from .report import write_report
 
-    _print("tlp demo: extracting the built-in digits (1,797 images) with efficientnet_lite0 at 96 px")
-    result = extract("digits", image_size=96, cache_dir=args.cache_dir, layers=("early", "mid", "late", "penultimate"))
+    result = finetune(args.data, _finetune_settings(args), test=_test_argument(args.test), out=args.out,
+                      restart=args.restart)
     if args.report:
         write_report(args.report, result.to_report())
-    _print(_extract_summary(result))
+    if not args.quiet:
+        _print(_finetune_summary(result))
+    return 0
+
+
+def _finetune_summary(result) -> str:
+    from .report import format_table
+
+    rows = [[row["epoch"], f"{row['train_loss']:.4f}", f"{row['train_accuracy']:.4f}",
+             "" if row.get("val_accuracy") is None else f"{row['val_accuracy']:.4f}",
+             f"{row['images_per_second'] or 0:.1f}"] for row in result.history]
+    recipe = result.recipe
+    lines = [
+        f"fine-tuned {result.model}: {recipe['n_frozen_layers']} of {recipe['n_layers']} layers frozen "
+        f"(--freeze {recipe['freeze']}), backbone lr x{recipe['backbone_lr_mult']}, {recipe['precision']}"
+        + (f"; resumed after epoch {result.resumed_from_epoch}" if result.resumed_from_epoch else ""),
+        format_table(rows, ["epoch", "train loss", "train acc", "val acc", "img/s"]),
+        f"best epoch {result.best_epoch}" + (f", validation accuracy {result.val_accuracy:.4f}" if result.val_accuracy is not None else "")
+        + (f", test accuracy {result.test_accuracy:.4f} ({result.n_test} images)" if result.test_accuracy is not None else ""),
+    ]
+    if result.out is not None:
+        lines.append(f"saved {result.out / 'model.pt'}, model.json, history.csv, history.png")
+    return "\n".join(lines)
+
+
+def _cmd_advise(args) -> int:
+    from .plan import advise
+    from .report import write_report
+
+    advice = advise(args.data, model=args.model, weights=args.weights, image_size=args.image_size,
+                    cache_dir=args.cache_dir, large_per_class=args.large_per_class, seed=args.seed,
+                    precision=args.precision, progress=not args.quiet)
+    if args.report:
+        write_report(args.report, advice.to_report())
+    _print(advice.summary())
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from .report import write_report
+    from .run import run
+
+    outcome = run(args.data, test=_test_argument(args.test), model=args.model, weights=args.weights,
+                  image_size=args.image_size, cache_dir=args.cache_dir, large_per_class=args.large_per_class,
+                  precision=args.precision, seed=args.seed, out=args.out, n_jobs=args.n_jobs, epochs=args.epochs,
+                  progress=not args.quiet, say=None if args.quiet else _print)
+    if args.report:
+        write_report(args.report, outcome.to_report())
+    _print(_run_summary(outcome))
+    return 0
+
+
+def _run_summary(outcome) -> str:
+    result = outcome.result
+    lines = [_sweep_summary(result) if outcome.stage == "sweep" else _finetune_summary(result)]
+    test = result.best.get("test_accuracy") if outcome.stage == "sweep" else result.test_accuracy
+    if test is not None:
+        lines.append(f"case {outcome.advice.case}: test accuracy {test:.4f}")
+    if outcome.out is not None:
+        lines.append(f"outputs in {outcome.out}/ (plots, results, saved model for `tlp predict {outcome.out} IMAGES...`)")
+    return "\n".join(lines)
+
+
+def _cmd_demo(args) -> int:
+    from .report import write_report
+    from .run import run
+
+    _print("tlp demo: `tlp run digits --test 0.5` with efficientnet_lite0, offline "
+           "(1,797 8x8 digit images: is this data like ImageNet? which case? which layer and head?)")
+    outcome = run("digits", test=0.5, image_size=args.image_size, cache_dir=args.cache_dir, out=args.out,
+                  progress=not args.quiet, say=_print)
+    if args.report:
+        write_report(args.report, outcome.to_report())
+    _print(_run_summary(outcome))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Data sets: ImageFolder folders, CSV manifests and the built-in ``digits``.
+"""Data sets: ImageFolder folders, CSV manifests and the built-in ``digits`` and ``photos``.
 
 Loading a data set *scans* it once: every file is read, hashed (sha256) and its header
 probed. The scan gives the cache its content fingerprint (so moving the folder or
@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif",
 )
-BUILTIN_DATASETS = ("digits",)
+BUILTIN_DATASETS = ("digits", "photos")
 ON_ERROR_CHOICES = ("fail", "skip")
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -94,7 +94,7 @@ def load_dataset(
     ----------
     data : str or path
         A folder with one sub-folder per class, a CSV manifest (``path,label``; paths
-        relative to the CSV), or a built-in name (``digits``).
+        relative to the CSV), or a built-in name (``digits``, or ``photos`` with scikit-image).
     on_error : {"fail", "skip"}
         ``fail`` raises :class:`~pipeline.errors.ImageDecodeError` on the first bad file;
         ``skip`` leaves bad files out and lists them in ``Dataset.skipped``.
@@ -105,6 +105,10 @@ def load_dataset(
         raise TlpInputError(f"--on-error must be fail or skip, got {on_error!r}")
     text = str(data)
     if text in BUILTIN_DATASETS and not Path(text).exists():
+        if text == "photos":
+            from .photos import load_photos  # lazy: photos imports this module
+
+            return load_photos()
         return load_digits()
     path = Path(text).expanduser()
     if path.is_dir():

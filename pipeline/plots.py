@@ -1,4 +1,5 @@
-"""PNG plots for people: accuracy versus depth per head, and a confusion matrix.
+"""PNG plots for people: accuracy versus depth per head, a confusion matrix, and
+fine-tuning curves.
 
 matplotlib is imported lazily with the non-interactive Agg backend, so plotting works
 on machines without a display and costs nothing when no plot is asked for.
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["plot_accuracy_by_depth", "plot_confusion_matrix"]
+__all__ = ["plot_accuracy_by_depth", "plot_confusion_matrix", "plot_history"]
 
 
 def _pyplot():
@@ -71,4 +72,24 @@ def plot_confusion_matrix(y_true, y_pred, classes: list[str], path: str | Path, 
     axes.set_ylabel("true")
     accuracy = float(np.trace(matrix) / max(1, matrix.sum()))
     axes.set_title(f"{title} (accuracy {accuracy:.3f})" if title else f"accuracy {accuracy:.3f}")
+    return _save(plt, figure, path)
+
+
+def plot_history(history: list[dict], path: str | Path, title: str = "") -> Path:
+    """Fine-tuning curves per epoch: training loss (left), training and validation accuracy (right)."""
+    plt = _pyplot()
+    epochs = [row["epoch"] for row in history]
+    figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
+    loss_axes.plot(epochs, [row["train_loss"] for row in history], marker="o", label="train loss")
+    loss_axes.set_xlabel("epoch")
+    loss_axes.set_ylabel("loss")
+    accuracy_axes.plot(epochs, [row["train_accuracy"] for row in history], marker="o", label="train (augmented)")
+    if any("val_accuracy" in row for row in history):
+        accuracy_axes.plot(epochs, [row.get("val_accuracy", np.nan) for row in history], marker="o", label="validation")
+    accuracy_axes.set_xlabel("epoch")
+    accuracy_axes.set_ylabel("accuracy")
+    accuracy_axes.legend()
+    for axes in (loss_axes, accuracy_axes):
+        axes.grid(alpha=0.3)
+    figure.suptitle(title or "fine-tuning")
     return _save(plt, figure, path)

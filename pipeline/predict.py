@@ -29,11 +29,12 @@ from .models import imagenet_categories, resolve_model
 from .pooling import pool
 from .preprocess import normalize, resize_and_crop
 
-__all__ = ["save_head", "load_head", "SavedHead", "predict_files", "imagenet_top_k", "SPEC_NAME", "HEAD_NAME"]
+__all__ = ["save_head", "load_head", "load_saved", "SavedHead", "SavedFinetuned", "predict_files", "imagenet_top_k", "SPEC_NAME", "HEAD_NAME"]
 
 SPEC_NAME = "model.json"
 HEAD_NAME = "head.joblib"
 SPEC_FORMAT = "tlp-head-v1"
+FINETUNED_FORMAT = "tlp-finetuned-v1"  # pipeline.finetune.SPEC_FORMAT
 
 
 def _sha256(path: Path) -> str:
@@ -101,29 +102,60 @@ class SavedHead:
         return list(self.spec["classes"])
 
 
-def load_head(directory: str | os.PathLike) -> SavedHead:
-    """Check the spec and the head file's sha256 and scikit-learn version, then unpickle."""
+@dataclass
+class SavedFinetuned:
+    """A loaded, verified fine-tuned network (``tlp finetune --out``)."""
+
+    directory: Path
+    spec: dict
+    state_dict: dict
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.spec["classes"])
+
+
+def _read_spec(directory: Path) -> dict:
+    spec_path = directory / SPEC_NAME
+    if not spec_path.is_file():
+        raise TlpInputError(f"{str(directory)!r} holds no {SPEC_NAME}; pass a folder written by "
+                            "`tlp sweep --out` or `tlp finetune --out`")
+    try:
+        return json.loads(spec_path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise TlpInputError(f"{spec_path} is not valid JSON ({error}); re-run `tlp sweep --out`") from None
+
+
+def _verified_file(directory: Path, entry: dict, command: str) -> Path:
+    """The file an entry of model.json names, if its bytes still match the recorded sha256."""
+    path = directory / entry["file"]
+    if not path.is_file():
+        raise TlpInputError(f"file {str(path)!r} is missing; re-run `{command} --out`")
+    if _sha256(path) != entry["sha256"]:
+        raise TlpInputError(
+            f"file {str(path)!r} does not match the sha256 in {SPEC_NAME}: it was modified "
+            f"or corrupted, so it is not loaded; re-run `{command} --out` to write it again"
+        )
+    return path
+
+
+def load_head(directory: str | os.PathLike):
+    """Load a saved model folder after checking it: a head (``tlp sweep --out``: sha256 and
+    scikit-learn major version, before anything is unpickled) or a fine-tuned network
+    (``tlp finetune --out``: sha256, then a ``weights_only`` load that runs no code)."""
     import joblib
     import sklearn
 
     directory = Path(directory)
-    spec_path = directory / SPEC_NAME
-    if not spec_path.is_file():
-        raise TlpInputError(f"{str(directory)!r} holds no {SPEC_NAME}; pass a folder written by `tlp sweep --out`")
-    try:
-        spec = json.loads(spec_path.read_text(encoding="utf-8"))
-    except ValueError as error:
-        raise TlpInputError(f"{spec_path} is not valid JSON ({error}); re-run `tlp sweep --out`") from None
+    spec = _read_spec(directory)
+    if spec.get("format") == FINETUNED_FORMAT:
+        weights = _verified_file(directory, spec["finetuned"], "tlp finetune")
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        return SavedFinetuned(directory, spec, state)
     if spec.get("format") != SPEC_FORMAT:
-        raise TlpInputError(f"{spec_path} has format {spec.get('format')!r}, expected {SPEC_FORMAT!r}")
-    head_path = directory / spec["head"]["file"]
-    if not head_path.is_file():
-        raise TlpInputError(f"head file {str(head_path)!r} is missing; re-run `tlp sweep --out`")
-    if _sha256(head_path) != spec["head"]["sha256"]:
-        raise TlpInputError(
-            f"head file {str(head_path)!r} does not match the sha256 in {SPEC_NAME}: it was modified "
-            "or corrupted, so it is not loaded; re-run `tlp sweep --out` to write it again"
-        )
+        raise TlpInputError(f"{directory / SPEC_NAME} has format {spec.get('format')!r}, expected "
+                            f"{SPEC_FORMAT!r} or {FINETUNED_FORMAT!r}")
+    head_path = _verified_file(directory, spec["head"], "tlp sweep")
     saved_major = str(spec["versions"]["sklearn"]).split(".")[0]
     if saved_major != sklearn.__version__.split(".")[0]:
         raise TlpInputError(
@@ -133,12 +165,16 @@ def load_head(directory: str | os.PathLike) -> SavedHead:
     return SavedHead(directory, spec, joblib.load(head_path))
 
 
+load_saved = load_head  # the name says what it does now that it loads both kinds
+
+
 # ----------------------------------------------------------------------------- features for files
 def _file_features(paths: list[str], model_spec, taps: list[Tap], pools: dict[str, str], precision: str,
-                   device, batch_size: int, on_error: str) -> tuple[dict[str, np.ndarray], list[str], list[dict]]:
-    """Features of image files, computed exactly as extraction computes them."""
+                   device, batch_size: int, on_error: str, model=None) -> tuple[dict[str, np.ndarray], list[str], list[dict]]:
+    """Features of image files, computed exactly as extraction computes them
+    (by ``model``, default the spec's own network)."""
     tune_cpu_allocator()
-    extractor = build_tap_extractor(model_spec, model_spec.build(), taps).to(device=device, memory_format=torch.channels_last)
+    extractor = build_tap_extractor(model_spec, model if model is not None else model_spec.build(), taps).to(device=device, memory_format=torch.channels_last)
     prep = model_spec.preprocessing
     rows: dict[str, list[np.ndarray]] = {tap.name: [] for tap in taps}
     kept, skipped = [], []
@@ -179,6 +215,8 @@ def predict_files(saved: SavedHead, paths: list[str], *, top_k: int = 1, batch_s
     """
     spec = saved.spec
     model_spec = resolve_model(spec["model"], weights=spec.get("weights"), image_size=spec.get("image_size"))
+    if isinstance(saved, SavedFinetuned):
+        return _predict_finetuned(saved, model_spec, paths, top_k, batch_size, device, on_error)
     if model_spec.weights_sha256 != spec["weights_sha256"]:
         raise TlpInputError(
             f"the weights of {spec['model']} differ from those the head in {saved.directory} was trained on "
@@ -193,6 +231,22 @@ def predict_files(saved: SavedHead, paths: list[str], *, top_k: int = 1, batch_s
     probabilities = _probabilities(saved.estimator, X) if len(kept) else np.zeros((0, len(saved.classes)))
     model_classes = [saved.classes[int(c)] for c in saved.estimator.classes_]
     return _top_k_rows(kept, probabilities, model_classes, top_k), skipped
+
+
+def _predict_finetuned(saved: SavedFinetuned, model_spec, paths, top_k, batch_size, device, on_error):
+    """The fine-tuned network's own class scores, through the same decode path."""
+    from .finetune import build_finetune_model
+
+    spec = saved.spec
+    model = build_finetune_model(model_spec, len(saved.classes), from_scratch=bool(spec.get("from_scratch")))
+    model.load_state_dict(saved.state_dict)
+    torch_device = resolve_device(device)
+    tap = Tap(name="logits", node=spec["classifier"])
+    features, kept, skipped = _file_features(paths, model_spec, [tap], {tap.name: "avg"}, spec["precision"],
+                                             torch_device, batch_size, on_error, model=model.eval())
+    logits = torch.from_numpy(features[tap.name].astype(np.float32))
+    probabilities = logits.softmax(dim=1).numpy() if len(kept) else np.zeros((0, len(saved.classes)))
+    return _top_k_rows(kept, probabilities, saved.classes, top_k), skipped
 
 
 def _top_k_rows(paths: list[str], probabilities: np.ndarray, names, top_k: int) -> list[dict]:

@@ -1,0 +1,221 @@
+"""The planner: measure size and similarity to the source domain, pick one of the four cases.
+
+Size is counted (images per class, against a documented threshold). Similarity is
+measured on features the cache already holds (or extracts once for the sweep anyway),
+by three independent signals; each casts one vote and the majority decides:
+
+``confidence``
+    The pretrained classifier's mean top-1 softmax probability on the target images.
+    Photos of ImageNet-like objects get confident predictions; digits, medical scans or
+    spectrograms do not.
+``depth_trend``
+    How a quick probe (cosine k-NN, cross-validated) changes from early/mid to late
+    features. On similar data the late, most source-specific features are the best;
+    on different data they fall behind the mid-level ones.
+``logme``
+    The LogME transferability score (You et al. 2021) of the late layer against the
+    best earlier layer: the same comparison without any probe training.
+
+The report holds every number behind the decision, so a user who disagrees can see
+which signal to overrule (``tlp sweep``/``tlp finetune`` take the recipe's options).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .data import Dataset, load_dataset
+from .errors import TlpInputError
+from .models import DEFAULT_MODEL
+
+__all__ = ["Advice", "advise", "measure_similarity", "RECIPES", "LARGE_PER_CLASS", "ADVISE_MAX_IMAGES"]
+
+logger = logging.getLogger(__name__)
+
+# A data set is "large" when its median class holds at least this many images: from
+# there on, fine-tuning millions of weights stops overfitting and beats a frozen network
+# plus a head (the usual rule of thumb is "hundreds to thousands per class").
+LARGE_PER_CLASS = 500
+# Similarity is measured on at most this many images (a stratified, seeded sample):
+# the signals are averages that settle long before, and advising stays cheap.
+ADVISE_MAX_IMAGES = 2000
+# Mean top-1 probability of the pretrained classifier above which the images look like
+# its source domain. Measured with efficientnet_lite0: digits 0.16, natural photos of
+# ImageNet objects 0.6 and above (see tests/test_plan.py).
+CONFIDENCE_SIMILAR = 0.35
+# The late layer counts as transferring well if its probe accuracy is within this
+# distance of the best earlier layer (probe accuracy on small data is noisy).
+DEPTH_TOLERANCE = 0.01
+PROBE_LAYERS = ("early", "mid", "late")
+PROBE_K = 10
+
+RECIPES = {
+    1: {"summary": "small data, similar to the source: frozen network, late-layer features, new head",
+        "command": "tlp sweep DATA --layers mid,late,penultimate", "stage": "sweep",
+        "layers": ["mid", "late", "penultimate"]},
+    2: {"summary": "small data, different from the source: frozen network, early/mid-layer features, new head",
+        "command": "tlp sweep DATA --layers early,mid,late", "stage": "sweep",
+        "layers": ["early", "mid", "late"]},
+    3: {"summary": "large data, similar: new classifier layer, pretrained start, first 70% frozen, "
+                   "pretrained layers at 0.1x the learning rate",
+        "command": "tlp finetune DATA --case 3", "stage": "finetune"},
+    4: {"summary": "large data, different: new classifier layer, fine-tune the whole network "
+                   "(or --from-scratch when pretrained starts do not help)",
+        "command": "tlp finetune DATA --case 4", "stage": "finetune"},
+}
+
+
+@dataclass
+class Advice:
+    """The case, its recipe, and the measurements behind them."""
+
+    case: int
+    recipe: dict
+    evidence: dict = field(default_factory=dict)
+    model: str = DEFAULT_MODEL
+
+    def to_report(self) -> dict:
+        return {"case": self.case, "recipe": self.recipe, "evidence": self.evidence, "model": self.model}
+
+    def summary(self) -> str:
+        size, similarity = self.evidence["size"], self.evidence["similarity"]
+        lines = [
+            f"case {self.case}: {self.recipe['summary']}",
+            f"  size: {size['n_images']} images in {size['n_classes']} classes, median {size['median_per_class']:g} "
+            f"per class -> {'large' if size['large'] else 'small'} (large from {size['large_per_class']} per class)",
+            f"  similarity ({similarity['n_images']} images): {'similar' if similarity['similar'] else 'different'} "
+            f"({similarity['votes_similar']} of {len(similarity['votes'])} signals say similar)",
+        ]
+        signals = similarity["signals"]
+        if "confidence" in signals:
+            c = signals["confidence"]
+            lines.append(f"    pretrained top-1 confidence: mean {c['mean_top1_probability']:.3f} "
+                         f"(similar from {c['threshold']}) -> {_word(c['similar'])}")
+        d = signals["depth_trend"]
+        accs = ", ".join(f"{layer} {acc:.3f}" for layer, acc in d["probe_accuracy"].items())
+        lines.append(f"    k-NN probe accuracy by depth: {accs} -> {_word(d['similar'])}")
+        lm = signals["logme"]
+        scores = ", ".join(f"{layer} {score:.3f}" for layer, score in lm["scores"].items())
+        lines.append(f"    LogME by depth: {scores} -> {_word(lm['similar'])}")
+        lines.append(f"  next: {self.recipe['command']}")
+        return "\n".join(lines)
+
+
+def _word(similar: bool) -> str:
+    return "similar" if similar else "different"
+
+
+def _size_evidence(dataset: Dataset, large_per_class: int) -> dict:
+    counts = np.bincount([item.label for item in dataset.items], minlength=len(dataset.classes))
+    median = float(np.median(counts))
+    return {"n_images": int(counts.sum()), "n_classes": len(dataset.classes), "min_per_class": int(counts.min()),
+            "median_per_class": median, "large_per_class": large_per_class, "large": median >= large_per_class}
+
+
+def _sample(dataset: Dataset, limit: int, seed: int) -> Dataset:
+    """A stratified, seeded subset of at most ``limit`` items (the data set itself if smaller)."""
+    if len(dataset.items) <= limit:
+        return dataset
+    from sklearn.model_selection import train_test_split
+
+    labels = [item.label for item in dataset.items]
+    keep, _ = train_test_split(np.arange(len(labels)), train_size=limit, stratify=labels, random_state=seed)
+    items = [dataset.items[i] for i in sorted(keep)]
+    return dataclasses.replace(dataset, name=f"{dataset.name} (sample of {limit})", items=items, skipped=[])
+
+
+def _probe_accuracy(X: np.ndarray, y: np.ndarray, seed: int) -> float:
+    """Cross-validated accuracy of cosine k-NN: cheap, and a strong transferability
+    signal in large studies (arXiv 2503.18528)."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    from .heads import make_head
+
+    smallest = int(np.bincount(y)[np.unique(y)].min())
+    folds = max(2, min(5, smallest))
+    if smallest < 2:
+        raise TlpInputError("a class has fewer than 2 images; similarity probes need at least 2 per class")
+    k = max(1, min(PROBE_K, smallest - 1))
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return float(cross_val_score(make_head("knn", {"k": k}), X, y, cv=splitter).mean())
+
+
+def measure_similarity(data, *, model: str = DEFAULT_MODEL, weights=None, image_size: int | None = None,
+                       cache_dir: str = "cache", seed: int = 0, max_images: int = ADVISE_MAX_IMAGES,
+                       precision: str = "auto", progress: bool = True) -> dict:
+    """The three similarity signals on (a sample of) ``data`` and their majority vote."""
+    from .cache import FeatureFile
+    from .extract import extract
+    from .transferability import logme
+
+    dataset = data if isinstance(data, Dataset) else load_dataset(data)
+    sample = _sample(dataset, max_images, seed)
+    # penultimate rides along (same forward pass) so that case 1's sweep finds it cached.
+    layers = PROBE_LAYERS + ("penultimate", "logits")
+    try:
+        result = extract(sample, model=model, weights=weights, image_size=image_size, cache_dir=cache_dir,
+                         layers=layers, pool="auto", precision=precision, progress=progress)
+        has_logits = True
+    except TlpInputError as error:  # a model without a logits preset (e.g. no classifier)
+        logger.info("no pretrained classifier output (%s); judging similarity by depth alone", error)
+        result = extract(sample, model=model, weights=weights, image_size=image_size, cache_dir=cache_dir,
+                         layers=PROBE_LAYERS, pool="auto", precision=precision, progress=progress)
+        has_logits = False
+    with FeatureFile(result.path) as features:
+        y = features.labels
+        X = {name: features.load(name) for name in features.layers}
+    signals = {}
+    if has_logits and X["logits"].shape[1] >= 2:
+        signals["confidence"] = _confidence_signal(X["logits"])
+    signals["depth_trend"] = _depth_signal({layer: _probe_accuracy(X[layer], y, seed) for layer in PROBE_LAYERS})
+    signals["logme"] = _logme_signal({layer: logme(X[layer], y) for layer in PROBE_LAYERS})
+    votes = {name: signal["similar"] for name, signal in signals.items()}
+    votes_similar = sum(votes.values())
+    return {"n_images": len(sample.items), "signals": signals, "votes": votes, "votes_similar": votes_similar,
+            "similar": votes_similar * 2 > len(votes), "cache_key": result.key}
+
+
+def _confidence_signal(logits: np.ndarray) -> dict:
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    probabilities = np.exp(shifted)
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    top1 = probabilities.max(axis=1)
+    entropy = -(probabilities * np.log(np.clip(probabilities, 1e-12, None))).sum(axis=1) / np.log(logits.shape[1])
+    mean = float(top1.mean())
+    return {"mean_top1_probability": round(mean, 4), "median_top1_probability": round(float(np.median(top1)), 4),
+            "mean_normalised_entropy": round(float(entropy.mean()), 4), "threshold": CONFIDENCE_SIMILAR,
+            "similar": mean >= CONFIDENCE_SIMILAR}
+
+
+def _depth_signal(accuracy: dict[str, float]) -> dict:
+    best_earlier = max(accuracy["early"], accuracy["mid"])
+    gap = accuracy["late"] - best_earlier
+    return {"probe": f"cosine {PROBE_K}-NN, cross-validated",
+            "probe_accuracy": {k: round(v, 4) for k, v in accuracy.items()},
+            "late_minus_best_earlier": round(gap, 4), "tolerance": DEPTH_TOLERANCE,
+            "similar": gap >= -DEPTH_TOLERANCE}
+
+
+def _logme_signal(scores: dict[str, float]) -> dict:
+    gap = scores["late"] - max(scores["early"], scores["mid"])
+    return {"scores": {k: round(float(v), 4) for k, v in scores.items()},
+            "late_minus_best_earlier": round(float(gap), 4), "similar": gap >= 0.0}
+
+
+def advise(data, *, model: str = DEFAULT_MODEL, weights=None, image_size: int | None = None,
+           cache_dir: str = "cache", large_per_class: int = LARGE_PER_CLASS, seed: int = 0,
+           precision: str = "auto", progress: bool = True) -> Advice:
+    """Decide the case for ``data`` (folder, CSV, built-in name or a scanned Dataset)."""
+    if large_per_class < 1:
+        raise TlpInputError(f"--large-per-class must be at least 1, got {large_per_class}")
+    dataset = data if isinstance(data, Dataset) else load_dataset(data)
+    size = _size_evidence(dataset, large_per_class)
+    similarity = measure_similarity(dataset, model=model, weights=weights, image_size=image_size,
+                                    cache_dir=cache_dir, seed=seed, precision=precision, progress=progress)
+    case = (3 if similarity["similar"] else 4) if size["large"] else (1 if similarity["similar"] else 2)
+    return Advice(case=case, recipe={"case": case, **RECIPES[case]},
+                  evidence={"size": size, "similarity": similarity}, model=model)

@@ -1,0 +1,165 @@
+"""Fine-tuning: freezing, frozen BatchNorm, checkpoints, kill-and-resume, saved model, predict."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.cli import main
+from pipeline.finetune import (
+    FinetuneSettings, build_finetune_model, finetune, freeze_layers, parameterised_layers,
+)
+from pipeline.models import resolve_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(image_size=64, batch_size=8, precision="fp32", seed=0, progress=False)
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_new_classifier_is_sized_to_the_classes_and_seeded():
+    spec = resolve_model("efficientnet_lite0", image_size=64)
+    first = build_finetune_model(spec, 3, seed=0)
+    second = build_finetune_model(spec, 3, seed=0)
+    assert first.classifier.out_features == 3
+    assert torch.equal(first.classifier.weight, second.classifier.weight)
+    pretrained = spec.build()
+    # Everything but the classifier starts from the pretrained weights.
+    assert torch.equal(first.conv_stem.weight, pretrained.conv_stem.weight)
+    scratch = build_finetune_model(spec, 3, from_scratch=True)
+    assert not torch.equal(scratch.conv_stem.weight, pretrained.conv_stem.weight)
+
+
+def test_freeze_by_fraction_and_by_module_name():
+    spec = resolve_model("efficientnet_lite0", image_size=64)
+    model = build_finetune_model(spec, 3)
+    layers = parameterised_layers(model, "classifier")
+    frozen = freeze_layers(model, layers, 0.7)
+    assert len(frozen) == int(0.7 * len(layers))
+    assert frozen[0] == "conv_stem" and not model.conv_stem.weight.requires_grad
+    assert model.classifier.weight.requires_grad and model.conv_head.weight.requires_grad
+
+    model = build_finetune_model(spec, 3)
+    frozen = freeze_layers(model, parameterised_layers(model, "classifier"), "blocks.2")
+    assert frozen[-1].startswith("blocks.2.") and not any(name.startswith("blocks.3") for name in frozen)
+    assert model.blocks[3][0].conv_pw.weight.requires_grad
+
+
+def test_frozen_batchnorm_statistics_and_weights_do_not_move(image_folder):
+    spec = resolve_model("efficientnet_lite0", image_size=64)
+    # Run the real training loop, then compare against the network it started from.
+    result = finetune(str(image_folder), freeze=0.5, epochs=1, val=0.0, **SMALL)
+    start = build_finetune_model(spec, 3)
+    model = build_finetune_model(spec, 3)
+    frozen = set(freeze_layers(model, parameterised_layers(model, "classifier"), 0.5))
+    trained = result.network.state_dict()
+    frozen_bn = [name for name, module in model.named_modules()
+                 if name in frozen and isinstance(module, nn.BatchNorm2d)]
+    assert frozen_bn, "the frozen half holds BatchNorm layers"
+    for name in frozen_bn:
+        for buffer in ("running_mean", "running_var", "weight", "bias"):
+            assert torch.equal(trained[f"{name}.{buffer}"], start.state_dict()[f"{name}.{buffer}"]), name
+    trainable_bn = [name for name, module in model.named_modules()
+                    if name not in frozen and isinstance(module, nn.BatchNorm2d)]
+    assert any(not torch.equal(trained[f"{n}.running_mean"], start.state_dict()[f"{n}.running_mean"])
+               for n in trainable_bn)
+    assert not torch.equal(trained["classifier.weight"], start.state_dict()["classifier.weight"])
+    assert result.recipe["n_frozen_layers"] == len(frozen)
+
+
+def test_outputs_and_predict(image_folder, tmp_path, capsys):
+    out = tmp_path / "ft"
+    report = tmp_path / "r.json"
+    code = main(["finetune", str(image_folder), "--case", "4", "--image-size", "64", "--batch-size", "8",
+                 "--epochs", "2", "--precision", "fp32", "--test", "0.25", "--out", str(out),
+                 "--report", str(report), "--quiet"])
+    assert code == 0
+    data = json.loads(report.read_text())
+    assert data["case"] == 4 and data["n_test"] == 6 and data["resumed_from_epoch"] is None
+    assert [row["epoch"] for row in data["history"]] == [1, 2]
+    assert {"train_loss", "train_accuracy", "val_accuracy", "seconds"} <= set(data["history"][0])
+    assert 0.0 <= data["best"]["test_accuracy"] <= 1.0
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert state["classifier.weight"].shape[0] == 3
+    with open(out / "history.csv", newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == 2
+    assert (out / "history.png").stat().st_size > 1000
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-001.pt", "epoch-002.pt"]
+
+    images = sorted(str(p) for p in (image_folder / "owl").iterdir())[:3]
+    predictions = tmp_path / "p.csv"
+    assert main(["predict", str(out), *images, "--out", str(predictions)]) == 0
+    with open(predictions, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["path"] for row in rows] == images
+    assert all(row["label"] in ("cat", "dog", "owl") and 0 < float(row["probability"]) <= 1 for row in rows)
+
+    # Tampered weights are refused before loading.
+    with open(out / "model.pt", "ab") as handle:
+        handle.write(b"\0")
+    assert main(["predict", str(out), images[0]]) == 2
+    assert "sha256" in capsys.readouterr().err
+
+
+def test_changed_settings_do_not_resume_silently(image_folder, tmp_path, capsys):
+    out = tmp_path / "ft"
+    args = ["finetune", str(image_folder), "--case", "4", "--image-size", "64", "--batch-size", "8",
+            "--precision", "fp32", "--val", "0", "--out", str(out), "--quiet"]
+    assert main(args + ["--epochs", "1"]) == 0
+    assert main(args + ["--epochs", "1", "--lr", "0.01"]) == 2
+    assert "--restart" in capsys.readouterr().err
+    assert main(args + ["--epochs", "1", "--lr", "0.01", "--restart"]) == 0
+
+
+def test_bad_freeze_is_a_one_line_error(image_folder, capsys):
+    assert main(["finetune", str(image_folder), "--freeze", "no.such.module", "--image-size", "64", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no.such.module" in err[0]
+
+
+def _finetune_command(data: Path, out: Path, epochs: int = 3) -> list[str]:
+    return [sys.executable, "-m", "pipeline", "finetune", str(data), "--model", "efficientnet_lite0",
+            "--image-size", "64", "--batch-size", "8", "--epochs", str(epochs), "--precision", "fp32",
+            "--seed", "0", "--case", "4", "--out", str(out), "--quiet"]
+
+
+def test_killed_run_resumes_bit_identical(image_folder, tmp_path):
+    """SIGKILL after the first checkpoint, rerun the same command: the final weights equal
+    those of an uninterrupted run, and the report says where it resumed."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
+    whole = tmp_path / "whole"
+    subprocess.run(_finetune_command(image_folder, whole), check=True, env=env, capture_output=True, timeout=300)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(_finetune_command(image_folder, killed), env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    first = killed / "checkpoints" / "epoch-001.pt"
+    deadline = time.monotonic() + 240
+    while not first.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert first.exists(), "the run wrote its first checkpoint before the kill"
+    if (killed / "model.pt").exists():
+        pytest.skip("the run finished before it could be killed")
+
+    report = tmp_path / "resumed.json"
+    subprocess.run(_finetune_command(image_folder, killed) + ["--report", str(report)], check=True, env=env,
+                   capture_output=True, timeout=300)
+    assert json.loads(report.read_text())["resumed_from_epoch"] >= 1
+    expected = torch.load(whole / "model.pt", weights_only=True)
+    resumed = torch.load(killed / "model.pt", weights_only=True)
+    assert expected.keys() == resumed.keys()
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)
