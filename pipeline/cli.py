@@ -211,6 +211,7 @@ def _add_finetune_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-hflip", action="store_true", help="no random horizontal flips (for text, digits, anything with a handedness)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 autocast on capable CPUs and CUDA, else fp32")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=None, help="DataLoader decoding processes; 0 = threads between steps (default: 0 on CPU, up to 8 on CUDA)")
     parser.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
     parser.add_argument("--out", default=None, help="folder for model.pt, model.json, history.csv/png and checkpoints/ (resumable)")
     parser.add_argument("--restart", action="store_true", help="discard checkpoints in --out instead of resuming")
@@ -341,8 +342,8 @@ def _finetune_settings(args):
         from_scratch=args.from_scratch, epochs=args.epochs, lr=args.lr, backbone_lr_mult=args.backbone_lr_mult,
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, batch_size=args.batch_size, val=args.val,
         patience=args.patience, label_smoothing=args.label_smoothing, hflip=not args.no_hflip,
-        precision=args.precision, device=args.device, seed=args.seed, on_error=args.on_error,
-        cache_dir=args.cache_dir, progress=not args.quiet,
+        precision=args.precision, device=args.device, workers=args.workers, seed=args.seed,
+        on_error=args.on_error, cache_dir=args.cache_dir, progress=not args.quiet,
     )
 
 

@@ -37,6 +37,7 @@ from .cache import canonical_json, temp_name, _fsync_dir
 from .data import DEFAULT_MAX_PIXELS, Dataset, load_dataset
 from .device import autocast, resolve_device, resolve_precision, tune_cpu_allocator
 from .errors import ImageDecodeError, TlpInputError
+from .extract import stack_channels_last
 from .images import decode_image
 from .models import DEFAULT_MODEL, ModelSpec, Preprocessing, family_for, resolve_model
 from .preprocess import normalize, resize_and_crop
@@ -287,37 +288,63 @@ def augment(base: torch.Tensor, crop_size: int, generator: torch.Generator, min_
     return pixels.flip(-1) if flip else pixels
 
 
-def _stack(pixels: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack([p.permute(1, 2, 0) for p in pixels]).permute(0, 3, 1, 2)
-
-
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     generator = torch.Generator().manual_seed(_sample_seed(seed, epoch, -1))
     return torch.randperm(n, generator=generator).tolist()
 
 
+def _augmented(images: _Images, position: int, settings: FinetuneSettings, epoch: int) -> torch.Tensor:
+    """One training image of one epoch: the same pixels in any process, in any order."""
+    generator = torch.Generator().manual_seed(_sample_seed(settings.seed, epoch, position))
+    return augment(images.base(position), images.prep.crop_size, generator, settings.min_scale, settings.hflip)
+
+
+class _AugmentedSet(torch.utils.data.Dataset):
+    """Training images of one epoch for DataLoader workers (``--workers N``)."""
+
+    def __init__(self, images: _Images, labels: np.ndarray, settings: FinetuneSettings, epoch: int):
+        self.images, self.labels, self.settings, self.epoch = images, labels, settings, epoch
+
+    def __len__(self) -> int:
+        return len(self.images.dataset.items)
+
+    def __getitem__(self, position: int):
+        return _augmented(self.images, position, self.settings, self.epoch), int(self.labels[position])
+
+
+def _collate(samples):
+    return stack_channels_last([s[0] for s in samples]), torch.as_tensor([s[1] for s in samples], dtype=torch.long)
+
+
 def _train_batches(images: _Images, positions: list[int], labels: np.ndarray, settings: FinetuneSettings,
-                   epoch: int, pool):
+                   epoch: int, pool, device: torch.device):
     """(uint8 batch, labels) in a seeded shuffled order; a last batch of one is dropped
-    (BatchNorm cannot train on it)."""
+    (BatchNorm cannot train on it). Decoded in threads between steps (``workers=0``, the
+    CPU default: the training step already uses every core) or by DataLoader workers."""
     order = [positions[i] for i in _epoch_order(len(positions), settings.seed, epoch)]
-    crop = images.prep.crop_size
+    workers = settings.workers
+    if workers is None:
+        workers = 0 if device.type == "cpu" else max(1, min(8, os.cpu_count() or 1))
+    if workers:
+        batches = torch.utils.data.DataLoader(
+            _AugmentedSet(images, labels, settings, epoch), batch_size=settings.batch_size, sampler=order,
+            num_workers=workers, collate_fn=_collate, pin_memory=device.type == "cuda")
+    else:
+        def sample(position: int):
+            return _augmented(images, position, settings, epoch), int(labels[position])
 
-    def prepare(position: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(_sample_seed(settings.seed, epoch, position))
-        return augment(images.base(position), crop, generator, settings.min_scale, settings.hflip)
-
-    for start in range(0, len(order), settings.batch_size):
-        chunk = order[start:start + settings.batch_size]
-        if len(chunk) < 2:
+        batches = (_collate(list(pool.map(sample, order[start:start + settings.batch_size])))
+                   for start in range(0, len(order), settings.batch_size))
+    for pixels, targets in batches:
+        if len(targets) < 2:
             break
-        yield _stack(list(pool.map(prepare, chunk))), torch.as_tensor(labels[chunk], dtype=torch.long)
+        yield pixels, targets
 
 
 def _eval_batches(images: _Images, positions: list[int], batch_size: int, pool):
     for start in range(0, len(positions), batch_size):
         chunk = positions[start:start + batch_size]
-        yield chunk, _stack(list(pool.map(images.eval_crop, chunk)))
+        yield chunk, stack_channels_last(list(pool.map(images.eval_crop, chunk)))
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -629,7 +656,7 @@ def _train_epoch(model, frozen_norms, optimizer, scheduler, criterion, images, p
     bar = tqdm(total=len(positions), desc=f"epoch {epoch}/{settings.epochs}", unit="img", leave=False,
                disable=not settings.progress, dynamic_ncols=True)
     with bar:
-        for pixels, targets in _train_batches(images, positions, labels, settings, epoch, pool):
+        for pixels, targets in _train_batches(images, positions, labels, settings, epoch, pool, device):
             inputs = normalize(pixels.to(device), prep)
             targets = targets.to(device)
             with autocast(device, precision):

@@ -37,7 +37,7 @@ class RunOutcome:
         report = self.result.to_report()
         report["case"] = self.advice.case
         report["stage"] = self.stage
-        report["recipe"] = self.advice.recipe
+        report["recipe"] = {**self.advice.recipe, **report.get("recipe", {})}  # fine-tuning adds its details
         report["evidence"] = self.advice.evidence
         report["timings"] = {**report.get("timings", {}), **{k: round(v, 4) for k, v in self.timings.items()}}
         return report

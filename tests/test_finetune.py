@@ -79,6 +79,15 @@ def test_frozen_batchnorm_statistics_and_weights_do_not_move(image_folder):
     assert result.recipe["n_frozen_layers"] == len(frozen)
 
 
+def test_dataloader_workers_train_the_same_weights_as_threads(image_folder):
+    """Augmentation is seeded per (seed, epoch, image), so the decoding strategy does not
+    change the numbers."""
+    threads = finetune(str(image_folder), case="4", epochs=1, val=0.0, workers=0, **SMALL)
+    workers = finetune(str(image_folder), case="4", epochs=1, val=0.0, workers=1, **SMALL)
+    expected, actual = threads.network.state_dict(), workers.network.state_dict()
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
 def test_outputs_and_predict(image_folder, tmp_path, capsys):
     out = tmp_path / "ft"
     report = tmp_path / "r.json"

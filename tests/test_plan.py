@@ -1,0 +1,83 @@
+"""The planner and `tlp run`: digits are case 2, natural photos case 1, size thresholds move
+the case to fine-tuning, and `run` carries out the recipe of the case it measured."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from pipeline.cli import main
+
+needs_skimage = pytest.mark.skipif(importlib.util.find_spec("skimage") is None, reason="photos needs scikit-image")
+
+
+@pytest.fixture(scope="module")
+def planner_cache(tmp_path_factory):
+    """One cache for the module: later tests reuse the features earlier ones extracted."""
+    return str(tmp_path_factory.mktemp("planner-cache"))
+
+
+def _advise(tmp_path, data: str, cache: str, *extra: str) -> dict:
+    report = tmp_path / f"advise-{data}.json"
+    assert main(["advise", data, "--cache-dir", cache, "--report", str(report), "--quiet", *extra]) == 0
+    return json.loads(report.read_text())
+
+
+def test_digits_are_small_and_different(tmp_path, planner_cache, capsys):
+    advice = _advise(tmp_path, "digits", planner_cache, "--image-size", "64")
+    assert advice["case"] == 2
+    assert advice["recipe"]["stage"] == "sweep" and "early" in advice["recipe"]["layers"]
+    size, similarity = advice["evidence"]["size"], advice["evidence"]["similarity"]
+    assert size["n_images"] == 1797 and size["n_classes"] == 10 and not size["large"]
+    signals = similarity["signals"]
+    # Every signal has its numbers in the report, and each one says "different" here.
+    assert signals["pretrained_classifier"]["label_information"] < 0.5
+    accuracy = signals["depth_trend"]["probe_accuracy"]
+    assert accuracy["mid"] > accuracy["late"] + 0.05
+    assert signals["logme"]["scores"]["mid"] > signals["logme"]["scores"]["late"]
+    assert similarity["votes_similar"] == 0
+    printed = capsys.readouterr().err
+    assert "case 2" in printed and "LogME" in printed and "k-NN probe" in printed
+
+
+@needs_skimage
+def test_natural_photos_are_small_and_similar(tmp_path, planner_cache):
+    advice = _advise(tmp_path, "photos", planner_cache)
+    assert advice["case"] == 1
+    assert advice["recipe"]["stage"] == "sweep" and "late" in advice["recipe"]["layers"]
+    classifier = advice["evidence"]["similarity"]["signals"]["pretrained_classifier"]
+    assert classifier["mean_top1_probability"] > 0.35 and classifier["label_information"] > 0.9
+
+
+def test_size_threshold_moves_digits_to_fine_tuning(tmp_path, planner_cache):
+    advice = _advise(tmp_path, "digits", planner_cache, "--image-size", "64", "--large-per-class", "100")
+    assert advice["evidence"]["size"]["large"] and advice["case"] == 4
+    assert advice["recipe"]["stage"] == "finetune"
+
+
+@needs_skimage
+def test_run_sweeps_for_small_similar_data(tmp_path, planner_cache):
+    report, out = tmp_path / "run.json", tmp_path / "out"
+    assert main(["run", "photos", "--test", "0.25", "--cache-dir", planner_cache, "--out", str(out),
+                 "--report", str(report), "--quiet"]) == 0
+    result = json.loads(report.read_text())
+    assert result["case"] == 1 and result["stage"] == "sweep"
+    assert {row["layer"] for row in result["results"]} == {"mid", "late", "penultimate"}
+    assert result["n_test"] == 30 and result["best"]["test_accuracy"] >= 0.9
+    assert result["evidence"]["similarity"]["similar"]
+    assert (out / "model.json").exists() and (out / "accuracy_by_depth.png").exists()
+
+
+@needs_skimage
+def test_run_fine_tunes_large_data(tmp_path, planner_cache):
+    report, out = tmp_path / "run.json", tmp_path / "out"
+    assert main(["run", "photos", "--test", "0.25", "--large-per-class", "10", "--epochs", "1",
+                 "--image-size", "64", "--cache-dir", planner_cache, "--out", str(out),
+                 "--report", str(report), "--quiet"]) == 0
+    result = json.loads(report.read_text())
+    assert result["case"] == 3 and result["stage"] == "finetune"
+    assert result["recipe"]["freeze"] == 0.7 and len(result["history"]) == 1
+    assert 0.0 <= result["best"]["test_accuracy"] <= 1.0
+    assert (out / "model.pt").exists() and (out / "checkpoints" / "epoch-001.pt").exists()
