@@ -6,11 +6,11 @@ taps ``early,mid,late`` with 160, 448 and 1,280 dimensions), the same held-out t
 and the same five stratified folds of the training half:
 
 tlp
-    ``pipeline.sweep("digits", test=0.5, image_size=96, heads=..., n_jobs=N)``. The
-    features are cached before timing, so the call is the sweep itself (plus a cache hit
-    and reading the HDF5 file, which its wall time includes and ``sweep_seconds`` does
-    not): every (layer, head, fold) grid in parallel, then one refit per (layer, head)
-    scored on the test half.
+    ``pipeline.sweep("digits", test=0.5, image_size=96, heads=..., n_jobs=N)`` (with
+    ``--no-racing``: ``racing=False``). The features are cached before timing, so the
+    call is the sweep itself (plus a cache hit and reading the HDF5 file, which its wall
+    time includes and ``sweep_seconds`` does not): (layer, head, fold) grids in parallel,
+    round by round, then the refits scored on the test half.
 GridSearchCV
     The plain script: for each layer and head, ``GridSearchCV`` over
     ``pipeline.heads.make_head(head, ...)`` with exactly the same grid points (the
@@ -18,12 +18,20 @@ GridSearchCV
     so linear and RBF SVMs stay as they are), the same folds, ``n_jobs=N`` and
     ``refit=True``, on the training half loaded once in memory.
 
-The difference being measured: tlp fits the preprocessing once per fold and head and
-warm-starts the logistic-regression path (45 values of C), stopping it 10 grid points
-past its best (``pipeline.heads.PATH_PATIENCE``); GridSearchCV fits every grid point of
-every fold from scratch, preprocessing included. Targets: tlp is >= 5x faster, and its
-best cross-validated accuracy is within 0.5 points of GridSearchCV's (which shows
-whether stopping the path early costs anything).
+The difference being measured, all of it in ``pipeline.sweep`` and ``pipeline.heads``:
+tlp fits the preprocessing once per fold and head; fits the logistic-regression path
+(45 values of C) coarse-to-fine, warm-started (every 4th C, then the 3 values either
+side of the best coarse C over the first folds); scores the RBF SVM on a kernel matrix
+computed once per fold, and the linear SVM (and, when features outnumber training rows,
+the softmax) on the training rows' span, both equal to the plain fits up to float
+rounding; races across folds (every (layer, head) runs 2 folds, then one clearly
+behind the leader by a paired test on the same validation samples stops; the table
+marks it ``~`` and its row says how many folds it ran); refits only the winner as the
+plain pipeline (the others' test accuracy comes from the scoring form); and keeps its
+loky workers' garbage collector off the ~250,000 objects imported at start-up.
+GridSearchCV fits every grid point of every fold from scratch, preprocessing included.
+Targets: tlp is >= 5x faster, and its best cross-validated accuracy is within 0.5
+points of GridSearchCV's (which shows whether the adaptive path and racing cost anything).
 
 Fairness: both use the same ``n_jobs`` (default: all cores) and the same joblib (loky)
 workers, which are started and warmed up before any timing. ConvergenceWarnings are
@@ -35,7 +43,10 @@ GridSearchCV; with ``--repeats R`` the pair is repeated (interleaved) and median
 reported. Other busy processes skew both; the share of CPU busy before and after is
 recorded.
 
-Run: ``python benchmarks/sweep.py --json benchmarks/results/sweep.json``
+Per-cell seconds are medians over the repeats of CPU seconds summed over workers (tlp: its
+fold tasks plus its refit; GridSearchCV: fit and score times plus its refit).
+
+Run: ``python benchmarks/sweep.py --repeats 3 --json benchmarks/results/sweep.json``
 """
 
 from __future__ import annotations
@@ -63,9 +74,9 @@ from sklearn.exceptions import ConvergenceWarning  # noqa: E402
 from sklearn.model_selection import GridSearchCV  # noqa: E402
 
 import pipeline  # noqa: E402
-from pipeline.heads import HEADS, PATH_PATIENCE, head_grid, make_head  # noqa: E402
+from pipeline.heads import HEADS, PATH_REFINE, PATH_STEP, head_grid, make_head  # noqa: E402
 from pipeline.report import format_table, write_report  # noqa: E402
-from pipeline.sweep import DEFAULT_HEADS, _folds, _test_split  # noqa: E402
+from pipeline.sweep import DEFAULT_HEADS, RACE_FOLDS, RACE_MIN_GAP, RACE_Z, _folds, _test_split  # noqa: E402
 
 from extract import cpu_busy_fraction  # noqa: E402  (benchmarks/extract.py)
 
@@ -103,12 +114,12 @@ def warm_up_workers(n_jobs: int) -> int:
 
 
 # ----------------------------------------------------------------------------- tlp
-def run_tlp(cache_dir: Path, layers, heads, n_jobs: int) -> dict:
+def run_tlp(cache_dir: Path, layers, heads, n_jobs: int, racing: bool = True) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         start = time.perf_counter()
         result = pipeline.sweep(DATA, test=TEST_FRACTION, image_size=IMAGE_SIZE, layers=layers,
-                                cache_dir=str(cache_dir), heads=heads, n_jobs=n_jobs, progress=False)
+                                cache_dir=str(cache_dir), heads=heads, n_jobs=n_jobs, racing=racing, progress=False)
         seconds = time.perf_counter() - start
     if result.extract is not None and result.extract.n_extracted:
         raise RuntimeError(f"tlp sweep extracted {result.extract.n_extracted} images; expected a cache hit")
@@ -116,6 +127,8 @@ def run_tlp(cache_dir: Path, layers, heads, n_jobs: int) -> dict:
         f"{row['layer']}/{row['head']}": {
             "cv_accuracy": row["cv_accuracy"],
             "params": row["params"],
+            "n_folds": row["n_folds"],
+            "test_accuracy": row["test_accuracy"],
             # Summed over workers (fold grids + refit), comparable with GridSearchCV's serial_seconds.
             "serial_seconds": round(row["cv_seconds"] + row["fit_seconds"], 4),
             "n_convergence_warnings": row["n_convergence_warnings"],
@@ -130,6 +143,7 @@ def run_tlp(cache_dir: Path, layers, heads, n_jobs: int) -> dict:
         "best": f"{result.best['layer']}/{result.best['head']}",
         "convergence_warnings": sum(row["n_convergence_warnings"] for row in result.results),
         "cells": cells,
+        "table": result.table(),
     }
 
 
@@ -205,15 +219,20 @@ def build_report(args, grids, n_jobs, dims, n_train, folds, tlp_runs, gs_runs, w
     tlp, gs = tlp_runs[-1], gs_runs[-1]
     speedup = gs_s / tlp_s
     gap = 100.0 * (gs["best_cv_accuracy"] - tlp["best_cv_accuracy"])
-    cells = {
+    def median(runs, cell, key):
+        return round(statistics.median(run["cells"][cell][key] for run in runs), 4)
+
+    cells = {  # accuracies and parameters of the last repeat (every repeat gives the same), seconds: medians
         cell: {
             "tlp_cv_accuracy": tlp["cells"][cell]["cv_accuracy"],
             "gridsearch_cv_accuracy": gs["cells"][cell]["cv_accuracy"],
             "tlp_params": tlp["cells"][cell]["params"],
             "gridsearch_params": gs["cells"][cell]["params"],
-            "tlp_serial_seconds": tlp["cells"][cell]["serial_seconds"],
-            "gridsearch_serial_seconds": gs["cells"][cell]["serial_seconds"],
-            "gridsearch_seconds": gs["cells"][cell]["seconds"],
+            "tlp_n_folds": tlp["cells"][cell]["n_folds"],
+            "tlp_test_accuracy": tlp["cells"][cell]["test_accuracy"],
+            "tlp_serial_seconds": median(tlp_runs, cell, "serial_seconds"),
+            "gridsearch_serial_seconds": median(gs_runs, cell, "serial_seconds"),
+            "gridsearch_seconds": median(gs_runs, cell, "seconds"),
             "tlp_convergence_warnings": tlp["cells"][cell]["n_convergence_warnings"],
             "gridsearch_fits_at_max_iter": gs["cells"][cell]["n_fits_at_max_iter"],
         }
@@ -241,13 +260,16 @@ def build_report(args, grids, n_jobs, dims, n_train, folds, tlp_runs, gs_runs, w
         "tlp_timings": tlp["timings"],
         "tlp_convergence_warnings": tlp["convergence_warnings"],
         "gridsearch_fits_at_max_iter": gs["fits_at_max_iter"],
+        "tlp_table": tlp["table"],
         "cells": cells,
         "settings": {
             "data": DATA, "model": _model_name(), "image_size": IMAGE_SIZE,
             "pool": POOL, "layers": list(args.layers), "dims": dims, "heads": list(args.heads),
             "grid_sizes": {head: len(grid) for head, grid in grids.items()},
             "test_fraction": TEST_FRACTION, "n_train": n_train, "cv": len(folds), "seed": SEED,
-            "path_patience": PATH_PATIENCE, "repeats": args.repeats, "quick": args.quick, "statistic": "median",
+            "path_step": PATH_STEP, "path_refine": PATH_REFINE,
+            "racing": {"enabled": not args.no_racing, "first_folds": RACE_FOLDS, "z": RACE_Z, "min_gap": RACE_MIN_GAP},
+            "repeats": args.repeats, "quick": args.quick, "statistic": "median",
         },
         "machine": _machine(n_jobs, workers, busy),
     }
@@ -263,13 +285,17 @@ def format_report(report: dict) -> str:
     """The report as plain-text tables for people."""
     rows = []
     for cell, v in report["cells"].items():
-        rows.append([cell, f"{v['tlp_cv_accuracy']:.4f}", f"{v['gridsearch_cv_accuracy']:.4f}",
+        rows.append([cell, f"{v['tlp_cv_accuracy']:.4f}", str(v["tlp_n_folds"]), f"{v['gridsearch_cv_accuracy']:.4f}",
                      f"{v['tlp_serial_seconds']:.2f}", f"{v['gridsearch_serial_seconds']:.2f}",
                      f"{v['gridsearch_seconds']:.2f}"])
-    table = format_table(rows, ["layer/head", "tlp cv acc", "gs cv acc", "tlp serial s", "gs serial s", "gs wall s"])
+    table = format_table(rows, ["layer/head", "tlp cv acc", "tlp folds", "gs cv acc", "tlp serial s", "gs serial s",
+                                "gs wall s"])
     met, t, machine = report["targets_met"], report["targets"], report["machine"]
     lines = [
         table,
+        "",
+        "tlp's layer x head table (CV accuracy, mean ± std over folds):",
+        report["tlp_table"],
         "",
         f"tlp sweep wall    {report['tlp_seconds']:8.2f} s  (sweep_seconds {report['tlp_sweep_seconds']:.2f}; "
         f"best {report['tlp_best']} {report['tlp_best_cv_accuracy']:.4f})",
@@ -304,6 +330,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(--layers/--heads still override)")
     parser.add_argument("--baseline-n-jobs", type=int, default=None,
                         help="GridSearchCV's n_jobs if it should differ (1 = its own default, one core); default: --n-jobs")
+    parser.add_argument("--no-racing", action="store_true", help="tlp runs every fold of every (layer, head)")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved tlp/GridSearchCV pairs; medians reported (default 1)")
     parser.add_argument("--cache-dir", type=Path, help="feature cache to use and keep (default: a temporary folder)")
     args = parser.parse_args(argv)
@@ -336,7 +363,7 @@ def run(args, cache_dir: Path) -> dict:
 
     tlp_runs, gs_runs = [], []
     for repeat in range(args.repeats):
-        tlp_runs.append(run_tlp(cache_dir, args.layers, args.heads, args.n_jobs))
+        tlp_runs.append(run_tlp(cache_dir, args.layers, args.heads, args.n_jobs, racing=not args.no_racing))
         print(f"repeat {repeat + 1}: tlp {tlp_runs[-1]['seconds']:.2f} s", flush=True)
         baseline_jobs = args.n_jobs if args.baseline_n_jobs is None else args.baseline_n_jobs
         gs_runs.append(run_gridsearch(X_train, y_train, folds, args.heads, baseline_jobs))

@@ -18,6 +18,12 @@ CachedFeatures(cache_file, layer)
     scikit-learn transformer: image paths -> cached features (for your own Pipeline).
 sweep(data, test=..., heads=...) -> SweepResult
     Fit softmax/SVM/MLP/kNN heads on cached layers; select by cross-validation.
+finetune(data, test=..., case=..., freeze=..., out=...) -> FinetuneResult
+    Fine-tune the network with a new classifier layer; resumable from checkpoints.
+advise(data) -> Advice
+    Measure size and similarity to the source domain; the case (1-4) and its recipe.
+run(data, test=...) -> RunOutcome
+    Advise, then sweep (cases 1-2) or fine-tune (cases 3-4).
 """
 
 from .cache import FeatureFile
@@ -27,6 +33,9 @@ from .extract import ExtractResult, ExtractSettings, extract
 from .features import CachedFeatures
 from .models import resolve_model
 from .sweep import SweepResult, sweep  # the function shadows the submodule's name, as intended
+from .finetune import FinetuneResult, FinetuneSettings, finetune  # likewise
+from .plan import Advice, advise
+from .run import RunOutcome, run  # likewise
 
 __all__ = [
     "extract",
@@ -38,6 +47,13 @@ __all__ = [
     "resolve_model",
     "sweep",
     "SweepResult",
+    "finetune",
+    "FinetuneSettings",
+    "FinetuneResult",
+    "advise",
+    "Advice",
+    "run",
+    "RunOutcome",
     "TlpInputError",
     "ImageDecodeError",
 ]

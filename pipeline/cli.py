@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--test", default=None, help="test part: a fraction of DATA (stratified, seeded) or a separate data set; never used for selection")
     sweep.add_argument("--out", default=None, help="folder for results.csv")
     sweep.add_argument("--n-jobs", type=int, default=None, help="parallel fits (default: all cores)")
+    sweep.add_argument("--no-racing", action="store_true",
+                       help="run every fold of every layer x head (default: after 2 folds, stop the ones clearly behind the best)")
     sweep.add_argument("--seed", type=int, default=0, help="seed for splits and heads (default: %(default)s)")
     sweep.set_defaults(func=_cmd_sweep)
 
@@ -278,7 +280,8 @@ def _cmd_sweep(args) -> int:
     from .sweep import sweep
 
     result = sweep(args.data, test=_test_argument(args.test), heads=args.heads, cv=args.cv, val=args.val,
-                   n_jobs=args.n_jobs, seed=args.seed, out=args.out, settings=_settings_from(args))
+                   n_jobs=args.n_jobs, seed=args.seed, racing=not args.no_racing, out=args.out,
+                   settings=_settings_from(args))
     if args.report:
         write_report(args.report, result.to_report())
     if not args.quiet:

@@ -467,14 +467,14 @@ class FinetuneResult:
 
 
 # ----------------------------------------------------------------------------- the run
-def _resolve_recipe(settings: FinetuneSettings, data) -> tuple[int | None, float | str]:
+def _resolve_recipe(settings: FinetuneSettings, training_part: Dataset) -> tuple[int | None, float | str]:
     """(case, freeze): an explicit ``--freeze`` wins; else the case's default, where
-    ``auto`` asks the planner whether the data is similar to the source domain."""
+    ``auto`` asks the planner whether the training part is similar to the source domain."""
     case = settings.case
     if case == "auto" and settings.freeze is None and not settings.from_scratch:
         from .plan import measure_similarity
 
-        similar = measure_similarity(data, model=settings.model, weights=settings.weights,
+        similar = measure_similarity(training_part, model=settings.model, weights=settings.weights,
                                      image_size=settings.image_size, cache_dir=settings.cache_dir,
                                      progress=settings.progress)
         case = "3" if similar["similar"] else "4"
@@ -492,6 +492,31 @@ def _run_identity(settings: FinetuneSettings, spec: ModelSpec, train_ds: Dataset
                if k not in ("progress", "workers", "device", "on_error", "cache_dir", "case", "freeze")}
     return {"settings": numeric, "freeze": freeze, "model": spec.identity(), "data": train_ds.identity(),
             "train": split.train, "val": split.val}
+
+
+def _resume(checkpoint_dir: Path | None, restart: bool, run_fp: str, model, optimizer, scheduler):
+    """(training state, epoch resumed from or None): a fresh state, or the newest
+    checkpoint's, loaded into the model, optimiser, scheduler and RNGs."""
+    state = {"epoch": 0, "history": [], "best_epoch": 0, "best_val": float("-inf"), "best_state": None,
+             "stale_epochs": 0, "finished": False}
+    if checkpoint_dir is None or not checkpoint_dir.exists():
+        return state, None
+    if restart:
+        for old in checkpoint_dir.glob("epoch-*.pt"):
+            old.unlink()
+        return state, None
+    saved = _latest_checkpoint(checkpoint_dir)
+    if saved is None:
+        return state, None
+    if saved["run_fingerprint"] != run_fp:
+        raise TlpInputError(f"checkpoints in {checkpoint_dir} belong to a run with different data or settings; "
+                            "rerun with --restart to discard them, or pass another --out")
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    _restore_rng(saved["rng"])
+    logger.info("resuming from the checkpoint after epoch %d in %s", saved["epoch"], checkpoint_dir)
+    return {k: saved[k] for k in state}, int(saved["epoch"])
 
 
 def finetune(data, settings: FinetuneSettings | None = None, *, test=None, out: str | os.PathLike | None = None,
@@ -522,7 +547,8 @@ def finetune(data, settings: FinetuneSettings | None = None, *, test=None, out: 
     spec = resolve_model(settings.model, weights=settings.weights, image_size=settings.image_size)
     dataset = load_dataset(data, on_error=settings.on_error)
     test_dataset, split = _split(dataset, test, settings)
-    case, freeze = _resolve_recipe(settings, data)
+    training_part = dataclasses.replace(dataset, items=[dataset.items[i] for i in sorted(split.train + split.val)])
+    case, freeze = _resolve_recipe(settings, training_part)
     timings = {"setup_seconds": time.perf_counter() - started}
 
     model = build_finetune_model(spec, len(dataset.classes), from_scratch=settings.from_scratch, seed=settings.seed)
@@ -546,27 +572,8 @@ def finetune(data, settings: FinetuneSettings | None = None, *, test=None, out: 
     identity = _run_identity(settings, spec, dataset, split, freeze)
     run_fp = hashlib.sha256(canonical_json(identity).encode()).hexdigest()
 
-    state = {"epoch": 0, "history": [], "best_epoch": 0, "best_val": float("-inf"), "best_state": None,
-             "stale_epochs": 0, "finished": False}
-    resumed_from = None
     checkpoint_dir = Path(out) / CHECKPOINT_DIR if out is not None else None
-    if checkpoint_dir is not None and restart and checkpoint_dir.exists():
-        for old in checkpoint_dir.glob("epoch-*.pt"):
-            old.unlink()
-    if checkpoint_dir is not None and checkpoint_dir.exists():
-        saved = _latest_checkpoint(checkpoint_dir)
-        if saved is not None:
-            if saved["run_fingerprint"] != run_fp:
-                raise TlpInputError(
-                    f"checkpoints in {checkpoint_dir} belong to a run with different data or settings; "
-                    "rerun with --restart to discard them, or pass another --out")
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            _restore_rng(saved["rng"])
-            state = {k: saved[k] for k in state}
-            resumed_from = int(saved["epoch"])
-            logger.info("resuming from the checkpoint after epoch %d in %s", resumed_from, checkpoint_dir)
+    state, resumed_from = _resume(checkpoint_dir, restart, run_fp, model, optimizer, scheduler)
 
     images = _Images(dataset, spec.preprocessing)
     labels = np.asarray([item.label for item in dataset.items])
@@ -581,20 +588,7 @@ def finetune(data, settings: FinetuneSettings | None = None, *, test=None, out: 
                                settings, epoch, device, precision, pool)
             if split.val:
                 row["val_accuracy"] = _accuracy(model, images, split.val, labels, settings, device, precision, pool)
-            state["history"].append(row)
-            score = row.get("val_accuracy", -row["train_loss"])
-            if score > state["best_val"]:
-                state.update(best_val=score, best_epoch=epoch, stale_epochs=0,
-                             best_state={k: v.detach().clone() for k, v in model.state_dict().items()})
-            else:
-                state["stale_epochs"] += 1
-            state["epoch"] = epoch
-            if split.val and state["stale_epochs"] >= settings.patience:
-                logger.info("validation accuracy has not improved for %d epochs: stopping", settings.patience)
-                state["finished"] = True
-            if epoch == settings.epochs:
-                state["finished"] = True
-            _log_epoch(row, settings.epochs)
+            _end_epoch(state, row, model, settings, early_stopping=bool(split.val))
             if checkpoint_dir is not None:
                 _save_checkpoint(checkpoint_dir, epoch, {
                     "format": CHECKPOINT_FORMAT, "run_fingerprint": run_fp, **state,
@@ -678,6 +672,25 @@ def _train_epoch(model, frozen_norms, optimizer, scheduler, criterion, images, p
             "train_accuracy": round(correct / max(1, seen), 6), "seconds": round(seconds, 3),
             "images_per_second": round(seen / seconds, 2) if seconds else None,
             "lr": scheduler.get_last_lr()[0]}
+
+
+def _end_epoch(state: dict, row: dict, model: nn.Module, settings: FinetuneSettings, early_stopping: bool) -> None:
+    """Record the epoch; keep the best weights (by validation accuracy, or training loss
+    without a validation split); decide whether training is finished."""
+    state["history"].append(row)
+    score = row.get("val_accuracy", -row["train_loss"])
+    if score > state["best_val"]:
+        state.update(best_val=score, best_epoch=row["epoch"], stale_epochs=0,
+                     best_state={k: v.detach().clone() for k, v in model.state_dict().items()})
+    else:
+        state["stale_epochs"] += 1
+    state["epoch"] = row["epoch"]
+    if early_stopping and state["stale_epochs"] >= settings.patience:
+        logger.info("validation accuracy has not improved for %d epochs: stopping", settings.patience)
+        state["finished"] = True
+    if row["epoch"] == settings.epochs:
+        state["finished"] = True
+    _log_epoch(row, settings.epochs)
 
 
 def _predict_positions(model, images, positions, settings, device, precision, pool) -> np.ndarray:

@@ -30,13 +30,17 @@ def test_sweep_report_contract_and_selection_on_training_part_only(image_folder,
     assert {(r["layer"], r["head"]) for r in report["results"]} == {
         (layer, head) for layer in ("early", "mid", "late") for head in ("softmax", "svm", "mlp", "knn")}
     for row in report["results"]:
-        assert set(row) >= {"layer", "head", "params", "cv_accuracy", "test_accuracy", "fit_seconds"}
+        assert set(row) >= {"layer", "head", "params", "cv_accuracy", "test_accuracy", "fit_seconds", "n_folds"}
         assert 0.0 <= row["cv_accuracy"] <= 1.0 and 0.0 <= row["test_accuracy"] <= 1.0
-    # Selection uses cross-validation only: the best row has the highest CV accuracy.
-    assert report["best"]["cv_accuracy"] == max(r["cv_accuracy"] for r in report["results"])
+        assert 2 <= row["n_folds"] <= 3
+    # Selection uses cross-validation only: the best row has the highest CV accuracy of the
+    # rows that ran every fold.
+    full = [r for r in report["results"] if r["n_folds"] == 3]
+    assert report["best"]["n_folds"] == 3 and report["best"]["cv_accuracy"] == max(r["cv_accuracy"] for r in full)
+    assert report["cv_folds"] == 3 and report["racing"]["enabled"] is True
     assert set(report["timings"]) >= {"extract_seconds", "sweep_seconds"}
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert len(rows) == 12 and rows[0]["layer"] == "early"
+    assert len(rows) == 12 and rows[0]["layer"] == "early" and "n_folds" in rows[0]
 
 
 def test_test_part_is_stratified_and_never_in_training(cache_dir, image_folder):
@@ -78,7 +82,7 @@ def test_heads_are_scikit_learn_estimators(name):
 def test_warm_started_path_scores_like_independent_fits():
     X, y = load_digits(return_X_y=True)
     grid = head_grid("softmax", y)[::6]
-    warm, _ = grid_scores("softmax", grid, X[:800], y[:800], X[800:1200], y[800:1200])
+    warm = grid_scores("softmax", grid, X[:800], y[:800], X[800:1200], y[800:1200]).scores
     reached = [i for i, s in enumerate(warm) if s != float("-inf")]
     warm, grid = [warm[i] for i in reached], [grid[i] for i in reached]
     cold = [float((make_head("softmax", p).fit(X[:800], y[:800]).predict(X[800:1200]) == y[800:1200]).mean())
@@ -96,17 +100,31 @@ def test_bad_heads_exit_2(capsys):
     assert "--heads" in capsys.readouterr().err
 
 
-def test_softmax_path_stops_past_its_peak():
-    from pipeline.heads import PATH_PATIENCE
+def test_softmax_path_is_coarse_then_fine_around_the_best_coarse_c():
+    from pipeline.heads import PATH_REFINE, PATH_STEP
 
     X, y = load_digits(return_X_y=True)
     grid = head_grid("softmax", y)
-    scores, _ = grid_scores("softmax", grid, X[:800], y[:800], X[800:1200], y[800:1200])
+    scores = grid_scores("softmax", grid, X[:800], y[:800], X[800:1200], y[800:1200]).scores
     assert len(scores) == len(grid) == 45
-    reached = [s for s in scores if s != float("-inf")]
-    best = int(np.argmax(scores))
-    assert len(reached) == min(45, best + PATH_PATIENCE + 1)
-    assert max(reached) >= 0.9
+    coarse = list(range(0, 45, PATH_STEP))
+    assert all(scores[i] > 0 for i in coarse)  # the whole range, 1e-6..1e5, at every 4th C
+    center = max(coarse, key=lambda i: (scores[i], -i))
+    fine = {i for i in range(center - PATH_REFINE, center + PATH_REFINE + 1) if 0 <= i < 45} - {center}
+    assert {i for i, s in enumerate(scores) if s != float("-inf")} == set(coarse) | fine
+    assert max(scores) >= 0.9
+
+
+def test_fine_phase_on_a_given_centre_continues_a_coarse_phase():
+    X, y = load_digits(return_X_y=True)
+    grid = head_grid("softmax", y)
+    args = ("softmax", grid, X[:600], y[:600], X[600:900], y[600:900])
+    coarse = grid_scores(*args, phase="coarse")
+    assert sum(s != float("-inf") for s in coarse.scores) == 12 and len(coarse.solutions) == 12
+    fine = grid_scores(*args, phase="fine", center=20, start=coarse.solutions[20])
+    assert [i for i, s in enumerate(fine.scores) if s != float("-inf")] == [17, 18, 19, 21, 22, 23]
+    both = grid_scores(*args, phase="all", center=20)
+    np.testing.assert_allclose(coarse.merge(fine).scores, both.scores, atol=0.01)
 
 
 def test_sweep_out_writes_plots(image_folder, cache_dir, tmp_path):
@@ -141,10 +159,79 @@ def test_linear_svm_path_stops_but_rbf_points_always_run():
 
     X, y = load_digits(return_X_y=True)
     grid = head_grid("svm", y[:800])
-    scores, _ = grid_scores("svm", grid, X[:800], y[:800], X[800:1200], y[800:1200])
+    scores = grid_scores("svm", grid, X[:800], y[:800], X[800:1200], y[800:1200]).scores
     linear = [s for p, s in zip(grid, scores) if p["kernel"] == "linear"]
     rbf = [s for p, s in zip(grid, scores) if p["kernel"] == "rbf"]
     assert len(rbf) == 3 and all(s > 0.5 for s in rbf)
     fitted = [s for s in linear if s != float("-inf")]
     best = int(np.argmax(fitted))
     assert len(fitted) == min(len(linear), best + SVM_PATH_PATIENCE + 1)
+
+
+def _plain_correct(name, params, X_train, y_train, X_val, y_val):
+    return make_head(name, params).fit(X_train, y_train).predict(X_val) == y_val
+
+
+def test_svm_scoring_forms_score_like_plain_pipelines():
+    """The precomputed RBF kernel and the linear SVM on the training rows' span give the
+    plain pipelines' predictions, sample by sample."""
+    X, y = load_digits(return_X_y=True)
+    X = X.astype(np.float32)
+    grid = head_grid("svm", y[:400])
+    result = grid_scores("svm", grid, X[:400], y[:400], X[400:700], y[400:700])
+    for index, params in enumerate(grid):
+        if result.scores[index] == float("-inf"):
+            continue  # the linear path stopped before this C
+        plain = _plain_correct("svm", params, X[:400], y[:400], X[400:700], y[400:700])
+        np.testing.assert_array_equal(result.correct[index], plain, err_msg=str(params))
+    assert sum(p["kernel"] == "rbf" for p in grid) == 3 and all(
+        s > 0.5 for p, s in zip(grid, result.scores) if p["kernel"] == "rbf")
+
+
+def test_softmax_on_wide_features_scores_like_the_plain_pipeline():
+    """More features than training rows: the path runs on the rows' span (fewer columns)."""
+    X, y = load_digits(return_X_y=True)
+    wide = np.hstack([X, np.random.default_rng(0).normal(size=(len(X), 100))]).astype(np.float32)  # 164 > 120
+    grid = [{"C": c} for c in (1e-3, 1e-2, 1e-1, 1.0)]
+    scores = grid_scores("softmax", grid, wide[:120], y[:120], wide[120:420], y[120:420]).scores
+    plain = [float(_plain_correct("softmax", p, wide[:120], y[:120], wide[120:420], y[120:420]).mean()) for p in grid]
+    np.testing.assert_allclose(scores, plain, atol=0.01)
+
+
+@pytest.fixture(scope="module")
+def digit_folder(tmp_path_factory):
+    """400 digits as PNG files (40 per class)."""
+    from PIL import Image
+
+    from pipeline.data import digits_images
+
+    root = tmp_path_factory.mktemp("digits") / "train"
+    images, labels = digits_images()
+    for digit in range(10):
+        (root / str(digit)).mkdir(parents=True)
+        for index in np.flatnonzero(labels == digit)[:40]:
+            Image.fromarray(images[index]).save(root / str(digit) / f"{index}.png")
+    return root
+
+
+def test_racing_stops_a_clearly_worse_layer_and_says_so(digit_folder, tmp_path, capsys):
+    # At 32 pixels the late layer (stride 32) sees one position: ~18 points behind on digits.
+    common = ["sweep", str(digit_folder), "--image-size", "32", "--heads", "knn", "--cv", "5", "--test", "0.25",
+              "--cache-dir", str(tmp_path / "cache")]
+    assert main(common + ["--report", str(tmp_path / "race.json")]) == 0
+    report = json.loads((tmp_path / "race.json").read_text())
+    rows = {row["layer"]: row for row in report["results"]}
+    assert rows["late"]["n_folds"] == 2 and rows["late"]["test_accuracy"] is not None
+    assert rows["late"]["cv_accuracy"] < report["best"]["cv_accuracy"] - 0.05
+    assert report["best"]["n_folds"] == 5 and report["best"]["layer"] != "late"
+    table = capsys.readouterr().err
+    assert "~" in next(line for line in table.splitlines() if line.startswith("late"))
+    assert "stopped by racing after 2 of 5 folds" in table
+
+    assert main(common + ["--no-racing", "--report", str(tmp_path / "full.json")]) == 0
+    full = json.loads((tmp_path / "full.json").read_text())
+    assert [row["n_folds"] for row in full["results"]] == [5, 5, 5]
+    assert full["racing"]["enabled"] is False and "stopped by racing" not in capsys.readouterr().err
+    # The rows that ran every fold either way have the same numbers.
+    assert {(r["layer"], r["cv_accuracy"]) for r in full["results"]} >= {
+        (r["layer"], r["cv_accuracy"]) for r in report["results"] if r["n_folds"] == 5}
