@@ -236,9 +236,7 @@ class _Images:
         item = self.dataset.items[position]
         try:
             return decode_image(self.dataset.read_bytes(item), item.path, max_pixels=DEFAULT_MAX_PIXELS)
-        except ImageDecodeError:
-            raise
-        except OSError as error:
+        except OSError as error:  # the file went away or became unreadable after the scan
             raise ImageDecodeError(item.path, f"cannot read file ({error})") from None
 
     def _get(self, kind: str, position: int) -> torch.Tensor:
