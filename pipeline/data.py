@@ -10,6 +10,7 @@ file out never shifts another image's label.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import logging
@@ -72,6 +73,11 @@ class Dataset:
     def read_bytes(self, item: Item) -> bytes:
         """The encoded bytes of one item (what ``digest`` was computed from)."""
         return self._reader(item.path)
+
+    def subset(self, positions, name: str) -> "Dataset":
+        """The items at ``positions`` (in that order) as a data set of their own, for
+        samples and training parts; files skipped by the scan stay with the whole."""
+        return dataclasses.replace(self, name=name, items=[self.items[i] for i in positions], skipped=[])
 
     def identity(self) -> dict:
         """What decides the cached index: classes and (path, label, digest) per item."""

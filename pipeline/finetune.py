@@ -557,7 +557,7 @@ def finetune(data, settings: FinetuneSettings | None = None, *, test=None, out: 
     spec = resolve_model(settings.model, weights=settings.weights, image_size=settings.image_size)
     dataset = load_dataset(data, on_error=settings.on_error)
     test_dataset, split = _split(dataset, test, settings)
-    training_part = dataclasses.replace(dataset, items=[dataset.items[i] for i in sorted(split.train + split.val)])
+    training_part = dataset.subset(sorted(split.train + split.val), f"{dataset.name} (training part)")
     case, freeze = _resolve_recipe(settings, training_part)
     timings = {"setup_seconds": time.perf_counter() - started}
 

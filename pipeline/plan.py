@@ -25,8 +25,6 @@ which signal to overrule (``tlp sweep``/``tlp finetune`` take the recipe's optio
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,8 +34,6 @@ from .errors import TlpInputError
 from .models import DEFAULT_MODEL
 
 __all__ = ["Advice", "advise", "measure_similarity", "RECIPES", "LARGE_PER_CLASS", "ADVISE_MAX_IMAGES"]
-
-logger = logging.getLogger(__name__)
 
 # A data set is "large" when its median class holds at least this many images: from
 # there on, fine-tuning millions of weights stops overfitting and beats a frozen network
@@ -129,8 +125,7 @@ def _sample(dataset: Dataset, limit: int, seed: int) -> Dataset:
 
     labels = [item.label for item in dataset.items]
     keep, _ = train_test_split(np.arange(len(labels)), train_size=limit, stratify=labels, random_state=seed)
-    items = [dataset.items[i] for i in sorted(keep)]
-    return dataclasses.replace(dataset, name=f"{dataset.name} (sample of {limit})", items=items, skipped=[])
+    return dataset.subset(sorted(keep), f"{dataset.name} (sample of {limit})")
 
 
 def _probe_accuracy(X: np.ndarray, y: np.ndarray, seed: int) -> float:
@@ -161,20 +156,15 @@ def measure_similarity(data, *, model: str = DEFAULT_MODEL, weights=None, image_
     sample = _sample(dataset, max_images, seed)
     # penultimate rides along (same forward pass) so that case 1's sweep finds it cached.
     layers = PROBE_LAYERS + ("penultimate", "logits")
-    try:
-        result = extract(sample, model=model, weights=weights, image_size=image_size, cache_dir=cache_dir,
-                         layers=layers, pool="auto", precision=precision, progress=progress)
-        has_logits = True
-    except TlpInputError as error:  # a model without a logits preset (e.g. no classifier)
-        logger.info("no pretrained classifier output (%s); judging similarity by depth alone", error)
-        result = extract(sample, model=model, weights=weights, image_size=image_size, cache_dir=cache_dir,
-                         layers=PROBE_LAYERS, pool="auto", precision=precision, progress=progress)
-        has_logits = False
+    # Every registered family names its logits node, so the classifier's output is
+    # always there; any error here is about the data or the model and is reported.
+    result = extract(sample, model=model, weights=weights, image_size=image_size, cache_dir=cache_dir,
+                     layers=layers, pool="auto", precision=precision, progress=progress)
     with FeatureFile(result.path) as features:
         y = features.labels
         X = {name: features.load(name) for name in features.layers}
     signals = {}
-    if has_logits and X["logits"].shape[1] >= 2:
+    if X["logits"].shape[1] >= 2:
         signals["pretrained_classifier"] = _classifier_signal(X["logits"], y)
     signals["depth_trend"] = _depth_signal({layer: _probe_accuracy(X[layer], y, seed) for layer in PROBE_LAYERS})
     signals["logme"] = _logme_signal({layer: logme(X[layer], y) for layer in PROBE_LAYERS})

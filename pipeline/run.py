@@ -8,7 +8,6 @@ test part is held out before advising, so nothing a choice is based on ever saw 
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,8 +50,7 @@ def _training_part(dataset, test, seed: int):
 
     labels = np.asarray([item.label for item in dataset.items])
     train, _ = _test_split(labels, float(test), seed)
-    return dataclasses.replace(dataset, name=f"{dataset.name} (training part)",
-                               items=[dataset.items[i] for i in train], skipped=[])
+    return dataset.subset(train, f"{dataset.name} (training part)")
 
 
 def run(data, *, test=None, model: str = DEFAULT_MODEL, weights=None, image_size: int | None = None,
