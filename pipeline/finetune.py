@@ -400,20 +400,25 @@ def _checkpoint_path(directory: Path, epoch: int) -> Path:
     return directory / f"epoch-{epoch:03d}.pt"
 
 
-def _save_checkpoint(directory: Path, epoch: int, state: dict) -> Path:
+def _atomic_torch_save(obj, final: Path) -> Path:
     """Write to a temporary file, fsync, rename: a reader (or a resume) never sees half a file."""
-    directory.mkdir(parents=True, exist_ok=True)
-    final = _checkpoint_path(directory, epoch)
+    final.parent.mkdir(parents=True, exist_ok=True)
     temp = temp_name(final)
     try:
         with open(temp, "wb") as handle:
-            torch.save(state, handle)
+            torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, final)
-        _fsync_dir(directory)
+        _fsync_dir(final.parent)
     finally:
         temp.unlink(missing_ok=True)
+    return final
+
+
+def _save_checkpoint(directory: Path, epoch: int, state: dict) -> Path:
+    """The epoch's checkpoint, atomically; only the newest KEEP_CHECKPOINTS stay."""
+    final = _atomic_torch_save(state, _checkpoint_path(directory, epoch))
     for old in sorted(directory.glob("epoch-*.pt"))[:-KEEP_CHECKPOINTS]:
         old.unlink(missing_ok=True)
     return final
@@ -751,13 +756,8 @@ def _write_outputs(out: Path, model: nn.Module, spec: ModelSpec, settings: Finet
     from .report import write_report
 
     out.mkdir(parents=True, exist_ok=True)
-    weights = out / WEIGHTS_NAME
-    temp = temp_name(weights)
-    try:
-        torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, temp)
-        os.replace(temp, weights)
-    finally:
-        temp.unlink(missing_ok=True)
+    weights = _atomic_torch_save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                                 out / WEIGHTS_NAME)
     write_report(out / "model.json", {
         "format": SPEC_FORMAT, "model": settings.model, "weights": settings.weights,
         "weights_id": spec.weights_id, "weights_sha256": spec.weights_sha256, "image_size": settings.image_size,
