@@ -24,11 +24,14 @@ tlp fits the preprocessing once per fold and head; fits the logistic-regression 
 side of the best coarse C over the first folds); scores the RBF SVM on a kernel matrix
 computed once per fold, and the linear SVM (and, when features outnumber training rows,
 the softmax) on the training rows' span, both equal to the plain fits up to float
-rounding; races across folds (every (layer, head) runs 2 folds, then one clearly
-behind the leader by a paired test on the same validation samples stops; the table
-marks it ``~`` and its row says how many folds it ran); refits only the winner as the
-plain pipeline (the others' test accuracy comes from the scoring form); and keeps its
-loky workers' garbage collector off the ~250,000 objects imported at start-up.
+rounding; races across folds (every (layer, head) runs its folds round by round, and
+one clearly behind the leader by a paired test on the same validation samples stops,
+from the first fold on; the table marks it ``~``, its row says how many folds it ran,
+and it is not refit); skips, on later folds, the linear-SVM C values an earlier fold's
+path stopped before (they can no longer be selected); refits only the winner as the
+plain pipeline (the other rows that ran every fold get their test accuracy from the
+scoring form); and keeps its loky workers' garbage collector off the ~250,000 objects
+imported at start-up.
 GridSearchCV fits every grid point of every fold from scratch, preprocessing included.
 Targets: tlp is >= 5x faster, and its best cross-validated accuracy is within 0.5
 points of GridSearchCV's (which shows whether the adaptive path and racing cost anything).
@@ -44,7 +47,7 @@ reported. Other busy processes skew both; the share of CPU busy before and after
 recorded.
 
 Per-cell seconds are medians over the repeats of CPU seconds summed over workers (tlp: its
-fold tasks plus its refit; GridSearchCV: fit and score times plus its refit).
+fold tasks plus its refit, if any; GridSearchCV: fit and score times plus its refit).
 
 Run: ``python benchmarks/sweep.py --repeats 3 --json benchmarks/results/sweep.json``
 """
@@ -130,7 +133,7 @@ def run_tlp(cache_dir: Path, layers, heads, n_jobs: int, racing: bool = True) ->
             "n_folds": row["n_folds"],
             "test_accuracy": row["test_accuracy"],
             # Summed over workers (fold grids + refit), comparable with GridSearchCV's serial_seconds.
-            "serial_seconds": round(row["cv_seconds"] + row["fit_seconds"], 4),
+            "serial_seconds": round(row["cv_seconds"] + (row["fit_seconds"] or 0.0), 4),
             "n_convergence_warnings": row["n_convergence_warnings"],
         }
         for row in result.results

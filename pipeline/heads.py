@@ -257,7 +257,7 @@ def fine_points(n_points: int, center: int) -> list[int]:
 
 
 def grid_scores(name: str, grid: list[dict], X_train, y_train, X_val, y_val, seed: int = 0, *,
-                phase: str = "all", center: int | None = None, start=None) -> GridScores:
+                phase: str = "all", center: int | None = None, start=None, only=None) -> GridScores:
     """Validation accuracy (and per-sample correctness) for every grid point.
 
     The preprocessing is fitted once on the training part. A warm-started path (softmax)
@@ -265,7 +265,9 @@ def grid_scores(name: str, grid: list[dict], X_train, y_train, X_val, y_val, see
     their solutions; ``"fine"`` fits the points around ``center``, starting from
     ``start`` (that coarse point's solution on the same split); ``"all"`` (default) does
     both, around ``center`` or, without one, around this split's best coarse point.
-    Other heads fit their whole grid in every phase.
+    Other heads fit their whole grid in every phase, or with ``only`` (grid indices) just
+    those points: the sweep passes the points still selectable, so that a later fold does
+    not fit a point an earlier fold skipped (past its path's peak), which could never win.
     """
     head = HEADS[name]
     if phase not in ("all", "coarse", "fine"):
@@ -275,7 +277,7 @@ def grid_scores(name: str, grid: list[dict], X_train, y_train, X_val, y_val, see
     y_val = np.asarray(y_val)
     if head.warm_start:
         return _path_scores(head, grid, split, y_train, y_val, seed, phase, center, start)
-    return _independent_scores(head, grid, split, y_train, y_val, seed)
+    return _independent_scores(head, grid, split, y_train, y_val, seed, only)
 
 
 class _Fits:
@@ -295,10 +297,13 @@ class _Fits:
         return self.result.scores[index]
 
 
-def _independent_scores(head: Head, grid, split: _Split, y_train, y_val, seed) -> GridScores:
+def _independent_scores(head: Head, grid, split: _Split, y_train, y_val, seed, only=None) -> GridScores:
     fits = _Fits(len(grid), y_val)
     path_scores: list[float] = []  # scores of the path points fitted so far, in order
+    wanted = set(range(len(grid)) if only is None else only)
     for i, params in enumerate(grid):
+        if i not in wanted:
+            continue  # not fitted, never selected
         on_path = head.on_path(params)
         if on_path and path_scores and len(path_scores) - 1 - int(np.argmax(path_scores)) >= head.patience:
             continue  # past the path's peak: not fitted, never selected

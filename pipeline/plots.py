@@ -41,7 +41,7 @@ def plot_accuracy_by_depth(results: list[dict], path: str | Path, title: str = "
     for head in heads:
         rows = {row["layer"]: row for row in results if row["head"] == head}
         means = np.array([rows[layer]["cv_accuracy"] for layer in layers])
-        stds = np.array([rows[layer].get("cv_std", 0.0) for layer in layers])
+        stds = np.array([rows[layer].get("cv_std") or 0.0 for layer in layers])  # None: one fold
         axes.errorbar(range(len(layers)), means, yerr=stds, marker="o", capsize=3, label=head)
     axes.set_xticks(range(len(layers)), layers)
     axes.set_xlabel("layer (shallow to deep)")

@@ -11,10 +11,12 @@ the same for every head, preprocessing is fitted once per fold and head family, 
 logistic-regression path is warm-started coarse-to-fine, and grids are scored in
 cheaper equivalent forms (precomputed RBF kernels, linear models on the training rows'
 span; see :mod:`pipeline.heads`). Work is skipped only where it cannot matter: racing
-(see RACE_Z) stops a (layer, head) that is clearly behind the leader after a few folds
-(its row says how many), and only the winner is refit as the plain pipeline that is
-saved; other rows get their test accuracy from the scoring form. Independent (layer,
-head, fold) tasks run in parallel with joblib, round by round, longest first.
+(see RACE_Z) stops a (layer, head) that is clearly behind the leader after a fold or
+more (its row says how many, and it is not refit: no test accuracy), a later fold skips
+grid points an earlier fold left out (they can no longer be selected), and only the
+winner is refit as the plain pipeline that is saved; the other rows that ran every fold
+get their test accuracy from the scoring form. Independent (layer, head, fold) tasks
+run in parallel with joblib, round by round, longest first.
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ class SweepResult:
             for head in heads:
                 row = cell.get((layer, head))
                 mark = "*" if row is self.best else "~" if row is not None and self._stopped(row) else " "
-                values.append("" if row is None else f"{row['cv_accuracy']:.3f} ± {row['cv_std']:.3f}{mark}")
+                values.append("" if row is None else f"{_accuracy_text(row)}{mark}")
             rows.append([layer] + values)
         table = format_table(rows, ["layer"] + heads)
         stopped = sorted({row["n_folds"] for row in self.results if self._stopped(row)})
@@ -112,6 +114,13 @@ class SweepResult:
             for row in self.results:
                 writer.writerow({**{c: row.get(c) for c in columns}, "params": _params_text(row["params"])})
         return path
+
+
+def _accuracy_text(row: dict) -> str:
+    """Mean ± std over the folds a row ran; a single fold (or --val split) has no spread."""
+    if row["cv_std"] is None:
+        return f"{row['cv_accuracy']:.3f}        "
+    return f"{row['cv_accuracy']:.3f} ± {row['cv_std']:.3f}"
 
 
 def _public(row: dict) -> dict:
@@ -159,18 +168,25 @@ def _folds(labels: np.ndarray, cv: int, val: float | None, seed: int) -> list[tu
 # ----------------------------------------------------------------------------- racing
 # Racing across folds (successive elimination, the idea of Hoeffding races and of
 # scikit-learn's HalvingGridSearchCV, spent on folds instead of samples): every (layer,
-# head) runs the first RACE_FOLDS folds; before each further fold, a row that is clearly
-# behind the leader on the validation samples both have seen stops. "Clearly": a paired
+# head) runs its folds one round at a time, from the first fold on; after each round, a row
+# that is clearly behind the leader on the validation samples both have seen stops, so a
+# clear loser costs one fold, not five. "Clearly": a paired
 # test on the same samples (McNemar's, continuity-corrected: z = (b - c - 1) / sqrt(b + c),
 # b = samples only the leader got right, c = only the row), each row at its own best grid
 # point, with z >= RACE_Z and the mean accuracy RACE_MIN_GAP or more below the leader's.
 # z = 3.5 is one-sided p = 2e-4 per comparison, small against the ~30 comparisons of a
 # sweep and the leader's head start from being the best of ~12 rows; the gap keeps large
 # data sets, where small differences are significant, from stopping rows within noise of
-# the folds. On digits (898 training images, 5 folds) the late layer's four rows stop
-# after 2 folds (z 4.8-6.2, 7-11 points behind), early mlp and knn after 3 (z 3.9, 3.5
-# points); the others (z < 1.3 after 2 folds) run every fold.
-RACE_FOLDS = 2
+# the folds. RACE_FOLDS folds are the fewest a row runs before it can stop: one fold of a
+# few hundred validation samples already needs ~15 more samples against the row than for
+# it to reach z 3.5. On digits (898 training images, 5 folds, 180 validation samples per
+# fold) late svm, mlp and knn stop after 1 fold, late softmax after 2, early mlp and knn
+# after 3; the others run every fold.
+RACE_FOLDS = 1
+# Folds of a warm-started path's coarse pass that place its fine centre (their mean), and
+# the rounds that run one fold each (so the second fold also tells later folds which grid
+# points both skipped, see _fold_jobs).
+CENTRE_FOLDS = 2
 RACE_Z = 3.5
 RACE_MIN_GAP = 0.02
 
@@ -185,7 +201,8 @@ class _Cell:
     folds: dict[int, GridScores] = field(default_factory=dict)
     seconds: float = 0.0  # CPU seconds of its fold tasks, summed
     n_tasks: int = 0
-    center: int | None = None  # a warm-started path's fine centre, fixed after the first round
+    center: int | None = None  # a warm-started path's fine centre, fixed after CENTRE_FOLDS folds
+    coarse_only: list[int] = field(default_factory=list)  # path folds still waiting for their fine phase
     stopped: bool = False  # stopped by the race: no further folds
     z: float = 0.0  # its last race statistic against the leader
 
@@ -231,18 +248,25 @@ def _race(active: list[_Cell], n_folds: int) -> tuple[_Cell, list[_Cell]]:
     return leader, behind
 
 
+def _first_folds(n_folds: int, racing: bool) -> list[int]:
+    """The folds every cell runs in the first round: RACE_FOLDS when racing, else
+    CENTRE_FOLDS (nothing to decide before a path's centre)."""
+    return list(range(min(n_folds, RACE_FOLDS if racing else CENTRE_FOLDS)))
+
+
 def _next_folds(cell: _Cell, n_folds: int, racing: bool) -> list[int]:
     """The folds a running cell runs in the next round.
 
-    One more fold while the race could still stop it: its z, growing as the square root
-    of the samples seen at a constant gap, would reach RACE_Z by the last check (before
-    the last fold). Otherwise every remaining fold at once: fewer rounds, and so fewer
-    waits for a round's last task (~0.5 s each on digits with 2 workers).
+    One fold at a time up to CENTRE_FOLDS, and after that while the race could still
+    stop the cell: its z, growing as the square root of the samples seen at a constant
+    gap, would reach RACE_Z by the last check (before the last fold). Otherwise every
+    remaining fold at once: fewer rounds, and so fewer waits for a round's last task
+    (~0.5 s each on digits with 2 workers).
     """
     done = len(cell.folds)
     remaining = list(range(done, n_folds))
     could_stop = racing and remaining and cell.z * np.sqrt((n_folds - 1) / done) >= RACE_Z
-    return remaining[:1] if could_stop else remaining
+    return remaining[:1] if could_stop or done < CENTRE_FOLDS else remaining
 
 
 # ----------------------------------------------------------------------------- fitting
@@ -253,10 +277,11 @@ def _next_folds(cell: _Cell, n_folds: int, racing: bool) -> list[int]:
 _FIRST_ROUND_WEIGHT = {"mlp": 1.5, "svm": 1.0, "softmax": 0.6, "knn": 0.03}
 
 
-def _fold_task(layer, head, fold_index, X, y, train, val, grid, seed, phase, center, start):
+def _fold_task(layer, head, fold_index, X, y, train, val, grid, seed, phase, center, start, only):
     _freeze_worker_imports()
     started = time.perf_counter()
-    scores = grid_scores(head, grid, X[train], y[train], X[val], y[val], seed, phase=phase, center=center, start=start)
+    scores = grid_scores(head, grid, X[train], y[train], X[val], y[val], seed, phase=phase, center=center,
+                         start=start, only=only)
     return "fold", (layer, head), (fold_index, scores, time.perf_counter() - started)
 
 
@@ -298,33 +323,28 @@ _FROZEN = False
 def _run_cells(parallel, cells: list[_Cell], train_X, y_train, test_X, y_test, folds, seed, racing: bool):
     """Fold tasks round by round, racing between rounds, then the refits.
 
-    Round 1 runs the first RACE_FOLDS folds of every cell (a warm-started path's coarse
-    pass only: its fine centre comes from their mean). Each later round runs the next
-    folds of the cells still running (see _next_folds), the fine phase of round 1's folds,
-    and the test-accuracy refits of cells that stopped; the last round, the refits of the
-    rest. Within a round, tasks start longest first, so neither worker idles long at its end.
+    Round 1 runs the first folds of every cell (see _first_folds; a warm-started path's
+    coarse pass only, until CENTRE_FOLDS folds place its fine centre). Each later round
+    runs the next folds of the cells still running (see _next_folds), the fine phase of
+    path folds that ran before their centre was known; the last round, the refits of
+    the cells that ran every fold (a cell that stopped is not refit: it cannot win, and
+    the test part is for the contenders). Within a round, tasks start longest first, so
+    neither worker idles long at its end.
     Returns the winner and ``{key: (estimator or None, test accuracy, seconds)}``.
     """
     n_folds = len(folds)
-    plan = {cell.key: list(range(min(n_folds, RACE_FOLDS))) for cell in cells}
+    plan = {cell.key: _first_folds(n_folds, racing) for cell in cells}
     refits: dict[tuple[str, str], tuple] = {}
-    stopped: list[_Cell] = []
-    fine_pending = [cell for cell in cells if HEADS[cell.head].warm_start]
-    for number in itertools.count():
+    for _round in itertools.count():
         jobs = [job for cell in cells if not cell.stopped
                 for job in _fold_jobs(cell, plan.get(cell.key, []), train_X, y_train, folds, seed)]
-        if number > 0:
-            jobs += [job for cell in fine_pending if not cell.stopped
-                     for job in _fine_jobs(cell, train_X, y_train, folds, seed)]
-            fine_pending = []
+        jobs += [job for cell in cells if not cell.stopped and cell.center is not None
+                 for job in _fine_jobs(cell, train_X, y_train, folds, seed)]
         if not jobs:
-            break  # the refits of the cells that stopped last join the final round
-        # A row that stopped is never the winner: its refit only gives its test accuracy.
-        jobs += [_refit_job(cell, train_X, y_train, test_X, y_test, seed, plain=False) for cell in stopped if len(y_test)]
-        stopped = []
+            break
         _run(parallel, jobs, cells, refits)
-        if number == 0:
-            for cell in fine_pending:
+        for cell in cells:
+            if cell.coarse_only and cell.center is None and len(cell.folds) >= min(CENTRE_FOLDS, n_folds):
                 cell.center = cell.best()
         active = [cell for cell in cells if not cell.stopped]
         if racing and any(len(cell.folds) < n_folds for cell in active):
@@ -336,9 +356,8 @@ def _run_cells(parallel, cells: list[_Cell], train_X, y_train, test_X, y_test, f
                             leader.means(len(cell.folds)).max(), leader.layer, leader.head, cell.z)
         plan = {cell.key: _next_folds(cell, n_folds, racing) for cell in cells if not cell.stopped}
     winner = _winner(cells, n_folds)
-    final = [cell for cell in cells if not cell.stopped or cell in stopped]
     _run(parallel, [_refit_job(cell, train_X, y_train, test_X, y_test, seed, plain=cell is winner)
-                    for cell in final if cell is winner or len(y_test)], cells, refits)
+                    for cell in cells if cell is winner or (not cell.stopped and len(y_test))], cells, refits)
     return winner, refits
 
 
@@ -365,19 +384,28 @@ def _fold_jobs(cell: _Cell, fold_indices, train_X, y_train, folds, seed):
     """(expected seconds, task) for these folds of one cell."""
     X = train_X[cell.layer]
     cost = cell.task_seconds() if cell.n_tasks else (X.shape[1] + 300) * _FIRST_ROUND_WEIGHT.get(cell.head, 1.0)
+    warm_start = HEADS[cell.head].warm_start
     # A path's first folds fit the coarse pass only: the fine centre needs their mean.
-    phase = "coarse" if HEADS[cell.head].warm_start and cell.center is None else "all"
+    phase = "coarse" if warm_start and cell.center is None else "all"
+    if phase == "coarse":
+        cell.coarse_only += list(fold_indices)
+    # Points an earlier fold did not fit (past a path's peak there) can no longer be
+    # selected: later folds skip them. On digits' mid layer the linear SVM's two largest
+    # C were otherwise fitted on 3 and 2 of 5 folds for nothing (~40% of that row's time).
+    only = None if warm_start or not cell.folds else np.flatnonzero(np.isfinite(cell.means())).tolist()
     for f in fold_indices:
         yield cost, delayed(_fold_task)(cell.layer, cell.head, f, X, y_train, *folds[f], cell.grid, seed,
-                                        phase, cell.center, None)
+                                        phase, cell.center, None, only)
 
 
 def _fine_jobs(cell: _Cell, train_X, y_train, folds, seed):
     """(expected seconds, task) for the fine phase of a path's first folds, around its centre."""
-    for f in sorted(cell.folds):
+    fold_indices, cell.coarse_only = cell.coarse_only, []
+    for f in fold_indices:
         start = cell.folds[f].solutions[cell.center]
         yield cell.task_seconds() / 2, delayed(_fold_task)(cell.layer, cell.head, f, train_X[cell.layer], y_train,
-                                                           *folds[f], cell.grid, seed, "fine", cell.center, start)
+                                                           *folds[f], cell.grid, seed, "fine", cell.center, start,
+                                                           None)
 
 
 def _refit_job(cell: _Cell, train_X, y_train, test_X, y_test, seed, plain: bool):
@@ -420,8 +448,8 @@ def sweep(
         joblib workers for independent fits (default: all cores).
     racing : bool
         Stop a (layer, head) after RACE_FOLDS or more folds once it is clearly behind the
-        leader (see RACE_Z); its row says how many folds it ran (``n_folds``). False runs
-        every fold of every row.
+        leader (see RACE_Z); its row says how many folds it ran (``n_folds``) and has no
+        test accuracy (it is not refit). False runs every fold of every row.
     out : path, optional
         Folder for ``results.csv`` and the saved winner (``head.joblib`` + ``model.json``,
         which ``tlp predict`` reads).
@@ -510,7 +538,7 @@ def _row(cell: _Cell) -> dict:
         "head": cell.head,
         "params": cell.grid[best],
         "cv_accuracy": round(float(matrix[:, best].mean()), 5),
-        "cv_std": round(float(matrix[:, best].std()), 5),
+        "cv_std": round(float(matrix[:, best].std()), 5) if len(matrix) > 1 else None,
         "n_folds": len(cell.folds),
         "grid_size": len(cell.grid),
         "cv_seconds": round(cell.seconds, 4),

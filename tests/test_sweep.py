@@ -221,12 +221,14 @@ def test_racing_stops_a_clearly_worse_layer_and_says_so(digit_folder, tmp_path, 
     assert main(common + ["--report", str(tmp_path / "race.json")]) == 0
     report = json.loads((tmp_path / "race.json").read_text())
     rows = {row["layer"]: row for row in report["results"]}
-    assert rows["late"]["n_folds"] == 2 and rows["late"]["test_accuracy"] is not None
+    # Stopped rows are not refit: no test accuracy, no fit time (the test part is for contenders).
+    assert rows["late"]["n_folds"] < 5 and rows["late"]["test_accuracy"] is None and rows["late"]["fit_seconds"] is None
+    assert all(row["test_accuracy"] is not None for row in report["results"] if row["n_folds"] == 5)
     assert rows["late"]["cv_accuracy"] < report["best"]["cv_accuracy"] - 0.05
     assert report["best"]["n_folds"] == 5 and report["best"]["layer"] != "late"
     table = capsys.readouterr().err
     assert "~" in next(line for line in table.splitlines() if line.startswith("late"))
-    assert "stopped by racing after 2 of 5 folds" in table
+    assert f"stopped by racing after {rows['late']['n_folds']} of 5 folds" in table
 
     assert main(common + ["--no-racing", "--report", str(tmp_path / "full.json")]) == 0
     full = json.loads((tmp_path / "full.json").read_text())
@@ -235,3 +237,43 @@ def test_racing_stops_a_clearly_worse_layer_and_says_so(digit_folder, tmp_path, 
     # The rows that ran every fold either way have the same numbers.
     assert {(r["layer"], r["cv_accuracy"]) for r in full["results"]} >= {
         (r["layer"], r["cv_accuracy"]) for r in report["results"] if r["n_folds"] == 5}
+
+
+def test_later_folds_skip_grid_points_an_earlier_fold_skipped():
+    """A linear-SVM C that one fold's path stopped before can never be selected (it needs a
+    score on every fold), so the folds after it do not fit it either; the points fitted on
+    every fold keep the numbers an unskipped sweep gives."""
+    from joblib import Parallel
+
+    from pipeline.sweep import _Cell, _folds, _run_cells
+
+    X, y = load_digits(return_X_y=True)
+    # 60 noise columns make the largest C overfit on some folds (the path stops before it
+    # on folds 0 and 2, not on 1, 3 and 4).
+    X = np.hstack([X[:400], 4 * np.random.default_rng(0).normal(size=(400, 60))]).astype(np.float32)
+    y = y[:400]
+    folds = _folds(y, 5, None, 0)
+    grid = head_grid("svm", y)
+    cell = _Cell("raw", "svm", grid)
+    with Parallel(n_jobs=1) as parallel:
+        _run_cells(parallel, [cell], {"raw": X}, y, {"raw": X[:0]}, y[:0], folds, 0, racing=False)
+    fitted = np.isfinite(np.asarray([cell.folds[f].scores for f in range(5)]))  # (folds, grid)
+    unskipped = [grid_scores("svm", grid, X[train], y[train], X[val], y[val]) for train, val in folds]
+    on_its_own = np.isfinite(np.asarray([scores.scores for scores in unskipped]))
+    # Folds 0 and 1 run first (without racing, the first round), the rest after: a point
+    # missing from either is missing from every later fold, though some would fit it.
+    skipped_early = ~on_its_own[:2].all(axis=0)
+    assert on_its_own[2:, skipped_early].any(), "some later fold's own path should reach a skipped C"
+    assert not fitted[2:, skipped_early].any()
+    for point in np.flatnonzero(fitted.all(axis=0)):
+        assert cell.means()[point] == np.mean([scores.scores[point] for scores in unskipped])
+
+
+def test_a_row_stopped_after_one_fold_shows_no_spread():
+    from pipeline.sweep import SweepResult
+
+    rows = [{"layer": "early", "head": "knn", "params": {"k": 10}, "cv_accuracy": 0.9, "cv_std": None, "n_folds": 1},
+            {"layer": "mid", "head": "knn", "params": {"k": 10}, "cv_accuracy": 0.99, "cv_std": 0.01, "n_folds": 5}]
+    table = SweepResult("m", ["a"], 10, 0, rows, rows[1], n_folds=5, racing=True).table()
+    assert "0.900   " in table and "0.900 ±" not in table and "0.990 ± 0.010*" in table
+    assert "stopped by racing after 1 of 5 folds" in table
