@@ -35,10 +35,17 @@ import numpy as np
 from joblib import Parallel, delayed
 from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit, train_test_split
 
+from typing import TYPE_CHECKING
+
 from .cache import FeatureFile
 from .errors import TlpInputError
-from .extract import ExtractResult, ExtractSettings, extract
 from .heads import HEADS, GridScores, check_heads, grid_scores, head_grid, make_head
+
+if TYPE_CHECKING:
+    from .extract import ExtractResult, ExtractSettings
+
+# Nothing here imports torch at module level (extraction is imported where it runs):
+# joblib's workers import this module for the fold tasks, and should not pay for torch.
 
 __all__ = ["SweepResult", "sweep", "DEFAULT_HEADS"]
 
@@ -304,9 +311,10 @@ def _freeze_worker_imports() -> None:
     collector's sight.
 
     Without psutil, loky runs a full ``gc.collect()`` after every task that ends a second
-    or more after the previous collection; with torch imported (the package imports it)
-    that scans ~250,000 objects, 0.1-0.2 s each time: 11% of the sweep's wall time on
-    digits with 2 workers. Frozen, those collections only scan what the tasks create.
+    or more after the previous collection. With torch imported that scanned ~250,000
+    objects, 0.1-0.2 s each time: 11% of the sweep's wall time on digits with 2 workers.
+    The workers no longer import torch, but what they import still leaves ~95,000.
+    Frozen, those collections only scan what the tasks create.
     Never in the calling process (n_jobs=1 runs tasks there), where it would hide the
     caller's own objects from the collector.
     """
@@ -461,6 +469,8 @@ def sweep(
     -------
     SweepResult
     """
+    from .extract import ExtractSettings, extract
+
     heads = check_heads(heads)
     # Sweeps pool early and mid maps on a 2 x 2 grid by default (see pooling.AUTO_POOLING).
     settings = dataclasses.replace(settings or ExtractSettings(pool="auto"), **extract_options).validated()
@@ -548,6 +558,8 @@ def _row(cell: _Cell) -> dict:
 
 def _load_test_set(test, settings: ExtractSettings, classes: list[str]):
     """Extract a separate test set with the same settings; map its labels by class name."""
+    from .extract import extract
+
     extracted = extract(test, settings)
     with FeatureFile(extracted.path) as features:
         unknown = sorted(set(features.classes) - set(classes))
