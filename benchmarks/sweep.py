@@ -30,8 +30,8 @@ from the first fold on; the table marks it ``~``, its row says how many folds it
 and it is not refit); skips, on later folds, the linear-SVM C values an earlier fold's
 path stopped before (they can no longer be selected); refits only the winner as the
 plain pipeline (the other rows that ran every fold get their test accuracy from the
-scoring form); and keeps its loky workers' garbage collector off the ~250,000 objects
-imported at start-up.
+scoring form); and keeps its loky workers' garbage collector off the ~95,000 objects
+imported at start-up (the workers do not import torch; the main process does).
 GridSearchCV fits every grid point of every fold from scratch, preprocessing included.
 Targets: tlp is >= 5x faster, and its best cross-validated accuracy is within 0.5
 points of GridSearchCV's (which shows whether the adaptive path and racing cost anything).
