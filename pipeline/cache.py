@@ -98,9 +98,9 @@ def temp_name(final: Path) -> Path:
 def atomic_h5(final: Path) -> Iterator[h5py.File]:
     """Write an HDF5 file that appears at ``final`` complete or not at all."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
     temp = temp_name(final)
     try:
+        _create_in(temp)
         with h5py.File(temp, "w", libver=("earliest", "v110")) as handle:
             yield handle
         with open(temp, "rb+") as raw:
@@ -110,6 +110,24 @@ def atomic_h5(final: Path) -> Iterator[h5py.File]:
     finally:
         if temp.exists():
             temp.unlink()
+
+
+def _create_in(temp: Path, attempts: int = 5) -> None:
+    """Create the empty file ``temp``, and its folder if needed.
+
+    Another process that finishes the same extraction removes the shard folder once it
+    looks empty (see ``extract._drop_absorbed_shards``). It can do that between our
+    ``mkdir`` and our open; then we make the folder again. Once our file exists, the
+    folder is not empty and stays.
+    """
+    for attempt in range(attempts):
+        temp.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.close(os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            return
+        except FileNotFoundError:
+            if attempt == attempts - 1:
+                raise
 
 
 # ----------------------------------------------------------------------------- reading
@@ -445,7 +463,8 @@ class CacheDir:
         if partial_root.is_dir():
             for directory in partial_root.iterdir():
                 if directory.is_dir() and not any(directory.iterdir()):
-                    directory.rmdir()
+                    with contextlib.suppress(OSError):  # a running extraction just wrote in it
+                        directory.rmdir()
         return removed
 
 

@@ -556,5 +556,7 @@ def _drop_absorbed_shards(cache: CacheDir, run_fp: str, final: Path) -> None:
     for shard in directory.glob("shard-*.h5"):
         if cache_mod.shard_merged(shard, held):
             shard.unlink(missing_ok=True)
-    if directory.is_dir() and not any(directory.iterdir()):
-        directory.rmdir()
+    try:
+        directory.rmdir()  # only if empty: another run on the same data may be writing in it
+    except OSError:
+        pass

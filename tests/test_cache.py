@@ -80,3 +80,49 @@ def test_gc_removes_merged_and_partial_shards(image_folder, cache_dir, capsys):
     assert main(["cache", "gc", "--cache-dir", str(cache_dir)]) == 0
     assert not partial.exists()
     assert "freed" in capsys.readouterr().err
+
+
+def test_shard_folder_removed_by_another_run_is_made_again(tmp_path):
+    """Two runs on the same data share a shard folder; the one that finishes first removes
+    it when it looks empty, possibly between the other's mkdir and its open. The other
+    must still write its shard (seen once in the two-process test of test_resume.py)."""
+    import os
+    import threading
+    import time
+
+    from pipeline.cache import atomic_h5
+
+    folder = tmp_path / ".partial" / "run"
+    stop, removal_due = threading.Event(), threading.Semaphore(0)
+
+    def other_run_finishing():
+        # Once per write: remove the folder as soon as it exists and is empty (the
+        # other run's single clean-up), trying for up to 20 ms.
+        while not stop.is_set():
+            if not removal_due.acquire(timeout=0.05):
+                continue
+            deadline = time.monotonic() + 0.02
+            while time.monotonic() < deadline:
+                try:
+                    os.rmdir(folder)
+                    break
+                except OSError:
+                    pass
+
+    other = threading.Thread(target=other_run_finishing)
+    other.start()
+    try:
+        for index in range(150):
+            shard = folder / f"shard-{index}.h5"
+            removal_due.release()
+            with atomic_h5(shard) as handle:
+                handle.create_dataset("rows", data=np.arange(index + 1))
+            with h5py.File(shard, "r") as handle:
+                assert list(handle["rows"][()]) == list(range(index + 1))
+            shard.unlink()
+            time.sleep(0.021)  # the other run's removal attempts for this write are over
+            if folder.exists():
+                folder.rmdir()  # the next write starts without the folder, as a fresh run does
+    finally:
+        stop.set()
+        other.join()
