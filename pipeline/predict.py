@@ -123,7 +123,8 @@ def _read_spec(directory: Path) -> dict:
     try:
         return json.loads(spec_path.read_text(encoding="utf-8"))
     except ValueError as error:
-        raise TlpInputError(f"{spec_path} is not valid JSON ({error}); re-run `tlp sweep --out`") from None
+        raise TlpInputError(f"{spec_path} is not valid JSON ({error}); re-run the `tlp sweep --out` or "
+                            "`tlp finetune --out` that wrote this folder") from None
 
 
 def _verified_file(directory: Path, entry: dict, command: str) -> Path:

@@ -86,6 +86,18 @@ def test_head_from_another_sklearn_major_is_refused(digits_model, tmp_path, caps
     assert "scikit-learn 0.24.2" in capsys.readouterr().err
 
 
+def test_truncated_spec_exits_2_and_names_both_commands(digits_model, tmp_path, capsys):
+    import shutil
+
+    out, held_out = digits_model
+    copy = tmp_path / "M"
+    shutil.copytree(out, copy)
+    (copy / "model.json").write_text((copy / "model.json").read_text()[:40])
+    assert main(["predict", str(copy), str(held_out[0][0])]) == 2
+    error = capsys.readouterr().err
+    assert "model.json" in error and "not valid JSON" in error and "tlp finetune --out" in error
+
+
 def test_imagenet_labels_without_training(tmp_path):
     paths = []
     for name in ("china", "flower"):
