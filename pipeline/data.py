@@ -26,7 +26,8 @@ import numpy as np
 from .errors import ImageDecodeError, TlpInputError
 from .images import DEFAULT_MAX_PIXELS, probe_image
 
-__all__ = ["Item", "Skipped", "Dataset", "load_dataset", "BUILTIN_DATASETS", "IMAGE_EXTENSIONS"]
+__all__ = ["Item", "Skipped", "Dataset", "load_dataset", "labels_by_class_name", "BUILTIN_DATASETS",
+           "IMAGE_EXTENSIONS"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,19 @@ class Dataset:
         for item in self.items:
             digest.update(f"{item.path}\x00{item.label}\x00{item.digest}\n".encode())
         return {"classes": list(self.classes), "n_items": len(self.items), "items_sha256": digest.hexdigest()}
+
+
+def labels_by_class_name(labels, classes: list[str], into: list[str], source) -> np.ndarray:
+    """Labels of a separate data set (indices into its own ``classes``) as indices into
+    the training data's classes ``into``, matched by name: two folders list their classes
+    independently, so the same index can mean different classes. A class the training
+    data lacks is an input error naming ``source``."""
+    unknown = sorted(set(classes) - set(into))
+    if unknown:
+        raise TlpInputError(f"test data {str(source)!r} has classes not in the training data: "
+                            f"{', '.join(unknown[:5])}; use the same class names")
+    position = {name: index for index, name in enumerate(into)}
+    return np.asarray([position[classes[label]] for label in labels], dtype=np.int64)
 
 
 def load_dataset(

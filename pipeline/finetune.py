@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import canonical_json, temp_name, _fsync_dir
-from .data import DEFAULT_MAX_PIXELS, Dataset, load_dataset
+from .data import DEFAULT_MAX_PIXELS, Dataset, labels_by_class_name, load_dataset
 from .device import autocast, resolve_device, resolve_precision, tune_cpu_allocator
 from .errors import ImageDecodeError, TlpInputError
 from .extract import stack_channels_last
@@ -645,10 +645,7 @@ def _split(dataset: Dataset, test, settings: FinetuneSettings) -> tuple[Dataset 
         indices, test_idx = kept, held
     elif test is not None:
         test_dataset = load_dataset(test, on_error=settings.on_error)
-        unknown = sorted(set(test_dataset.classes) - set(dataset.classes))
-        if unknown:
-            raise TlpInputError(f"test data {str(test)!r} has classes not in the training data: "
-                                f"{', '.join(unknown[:5])}; use the same class names")
+        _test_labels(dataset, test_dataset)  # an unknown class fails now, before any training
     val_idx = np.arange(0)
     if settings.val > 0:
         kept, held = _stratified(labels[indices], settings.val, settings.seed, "val")
@@ -733,11 +730,16 @@ def _test_accuracy(model, images, dataset, test_dataset, split, spec, settings, 
     if test_dataset is None:
         labels = np.asarray([item.label for item in dataset.items])
         return _accuracy(model, images, split.test, labels, settings, device, precision, pool)
-    position = {name: i for i, name in enumerate(dataset.classes)}
-    test_labels = np.asarray([position[test_dataset.classes[item.label]] for item in test_dataset.items])
+    test_labels = _test_labels(dataset, test_dataset)
     test_images = _Images(test_dataset, spec.preprocessing)
     return _accuracy(model, test_images, list(range(len(test_dataset.items))), test_labels, settings, device,
                      precision, pool)
+
+
+def _test_labels(dataset: Dataset, test_dataset: Dataset) -> np.ndarray:
+    """A separate test set's labels as the training data's class indices (by class name)."""
+    return labels_by_class_name([item.label for item in test_dataset.items], test_dataset.classes, dataset.classes,
+                                test_dataset.name)
 
 
 def _log_epoch(row: dict, epochs: int) -> None:

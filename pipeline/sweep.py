@@ -558,17 +558,11 @@ def _row(cell: _Cell) -> dict:
 
 def _load_test_set(test, settings: ExtractSettings, classes: list[str]):
     """Extract a separate test set with the same settings; map its labels by class name."""
+    from .data import labels_by_class_name
     from .extract import extract
 
     extracted = extract(test, settings)
     with FeatureFile(extracted.path) as features:
-        unknown = sorted(set(features.classes) - set(classes))
-        if unknown:
-            raise TlpInputError(
-                f"test data {str(test)!r} has classes not in the training data: {', '.join(unknown[:5])}; "
-                "use the same class names"
-            )
-        position = {name: i for i, name in enumerate(classes)}
-        labels = np.asarray([position[features.classes[label]] for label in features.labels])
+        labels = labels_by_class_name(features.labels, features.classes, classes, test)
         layers = {name: features.load(name) for name in features.layers}
     return layers, labels

@@ -77,3 +77,13 @@ def test_csv_and_folder_give_same_features(tmp_path):
     from_folder = extract(root, cache_dir=tmp_path / "c", **FAST)
     from_csv = extract(manifest, cache_dir=tmp_path / "c", **FAST)
     assert from_csv.n_extracted == 0 and from_csv.n_reused == 6
+
+
+def test_separate_test_labels_are_matched_by_class_name():
+    from pipeline.data import labels_by_class_name
+
+    # The test folder lists its classes in another order: index 0 there is "dog".
+    mapped = labels_by_class_name([0, 1, 1, 0], ["dog", "cat"], into=["cat", "dog", "owl"], source="test/")
+    assert mapped.tolist() == [1, 0, 0, 1]
+    with pytest.raises(TlpInputError, match=r"'test/' has classes not in the training data: emu"):
+        labels_by_class_name([0], ["emu"], into=["cat", "dog"], source="test/")

@@ -132,6 +132,18 @@ def test_changed_settings_do_not_resume_silently(image_folder, tmp_path, capsys)
     assert main(args + ["--epochs", "1", "--lr", "0.01", "--restart"]) == 0
 
 
+def test_separate_test_set_with_an_unknown_class_fails_before_training(image_folder, tmp_path, capsys):
+    from helpers import write_images
+
+    write_images(tmp_path / "test" / "emu", 2, start=990)
+    out = tmp_path / "ft"
+    code = main(["finetune", str(image_folder), "--case", "4", "--image-size", "64", "--epochs", "1",
+                 "--test", str(tmp_path / "test"), "--out", str(out)])
+    assert code == 2
+    assert "has classes not in the training data: emu" in capsys.readouterr().err
+    assert not (out / "checkpoints").exists()
+
+
 def test_bad_freeze_is_a_one_line_error(image_folder, capsys):
     assert main(["finetune", str(image_folder), "--freeze", "no.such.module", "--image-size", "64", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

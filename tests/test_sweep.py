@@ -60,6 +60,18 @@ def test_separate_test_set_is_mapped_by_class_name(image_folder, cache_dir, tmp_
     assert all(row["test_accuracy"] is not None for row in result.results)
 
 
+def test_separate_test_set_with_an_unknown_class_exits_2(image_folder, cache_dir, tmp_path, capsys):
+    from helpers import write_images
+
+    test_root = tmp_path / "test"
+    write_images(test_root / "cat", 2, start=900)
+    write_images(test_root / "emu", 2, start=950)
+    code = main(["sweep", str(image_folder), "--test", str(test_root), "--heads", "knn", "--cv", "2",
+                 "--cache-dir", str(cache_dir), "--image-size", str(FAST["image_size"])])
+    assert code == 2
+    assert "has classes not in the training data: emu" in capsys.readouterr().err
+
+
 def test_tiny_class_reduces_folds_with_a_warning(image_folder, cache_dir, caplog):
     for path in sorted((image_folder / "owl").iterdir())[3:]:
         path.unlink()
