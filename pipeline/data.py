@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import io
 import logging
+import math
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -26,8 +27,8 @@ import numpy as np
 from .errors import ImageDecodeError, TlpInputError
 from .images import DEFAULT_MAX_PIXELS, probe_image
 
-__all__ = ["Item", "Skipped", "Dataset", "load_dataset", "labels_by_class_name", "BUILTIN_DATASETS",
-           "IMAGE_EXTENSIONS"]
+__all__ = ["Item", "Skipped", "Dataset", "load_dataset", "labels_by_class_name", "stratified_split",
+           "BUILTIN_DATASETS", "IMAGE_EXTENSIONS"]
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,26 @@ class Dataset:
         for item in self.items:
             digest.update(f"{item.path}\x00{item.label}\x00{item.digest}\n".encode())
         return {"classes": list(self.classes), "n_items": len(self.items), "items_sha256": digest.hexdigest()}
+
+
+def stratified_split(labels, fraction: float, seed: int, what: str = "test") -> tuple[np.ndarray, np.ndarray]:
+    """Positions (kept, held out), both sorted: ``fraction`` of the rows held out,
+    stratified by label and seeded, and at least as many rows as there are classes (what
+    a stratified split needs; scikit-learn's allocation may still leave a small class
+    out), so that tiny data sets still split. Wherever ``ceil(fraction x n)`` reaches the
+    number of classes this is ``train_test_split(test_size=fraction, stratify=labels)``. The sweep, fine-tuning and
+    ``tlp run``'s advice all hold out their test part with it, so they agree by
+    construction; ``what`` names the option in the error (``test`` or ``val``)."""
+    from sklearn.model_selection import train_test_split
+
+    labels = np.asarray(labels)
+    size = max(int(math.ceil(fraction * len(labels))), len(np.unique(labels)))
+    try:
+        kept, held = train_test_split(np.arange(len(labels)), test_size=size, stratify=labels, random_state=seed)
+    except ValueError as error:
+        raise TlpInputError(f"cannot hold out {fraction} of the data as {what} stratified by class ({error}); "
+                            f"use a smaller --{what} or add images to small classes") from None
+    return np.sort(kept), np.sort(held)
 
 
 def labels_by_class_name(labels, classes: list[str], into: list[str], source) -> np.ndarray:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import canonical_json, temp_name, _fsync_dir
-from .data import DEFAULT_MAX_PIXELS, Dataset, labels_by_class_name, load_dataset
+from .data import DEFAULT_MAX_PIXELS, Dataset, labels_by_class_name, load_dataset, stratified_split
 from .device import autocast, resolve_device, resolve_precision, tune_cpu_allocator
 from .errors import ImageDecodeError, TlpInputError
 from .extract import stack_channels_last
@@ -204,21 +204,6 @@ class _Split:
     train: list[int]
     val: list[int]
     test: list[int]
-
-
-def _stratified(labels: np.ndarray, fraction: float, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.model_selection import train_test_split
-
-    indices = np.arange(len(labels))
-    # At least one image per class is held out, so tiny data sets still split.
-    n_classes = len(np.unique(labels))
-    size = max(int(math.ceil(fraction * len(labels))), n_classes)
-    try:
-        keep, held = train_test_split(indices, test_size=size, stratify=labels, random_state=seed)
-    except ValueError as error:
-        raise TlpInputError(f"cannot hold out {fraction} of the data as {what} stratified by class ({error}); "
-                            f"use a smaller --{what} or add images to small classes") from None
-    return np.sort(keep), np.sort(held)
 
 
 class _Images:
@@ -641,14 +626,14 @@ def _split(dataset: Dataset, test, settings: FinetuneSettings) -> tuple[Dataset 
     if isinstance(test, (int, float)) and not isinstance(test, bool):
         if not 0 < float(test) < 1:
             raise TlpInputError(f"--test must be a fraction between 0 and 1 or a data set, got {test}")
-        kept, held = _stratified(labels, float(test), settings.seed, "test")
+        kept, held = stratified_split(labels, float(test), settings.seed, "test")
         indices, test_idx = kept, held
     elif test is not None:
         test_dataset = load_dataset(test, on_error=settings.on_error)
         _test_labels(dataset, test_dataset)  # an unknown class fails now, before any training
     val_idx = np.arange(0)
     if settings.val > 0:
-        kept, held = _stratified(labels[indices], settings.val, settings.seed, "val")
+        kept, held = stratified_split(labels[indices], settings.val, settings.seed, "val")
         indices, val_idx = indices[kept], indices[held]
     return test_dataset, _Split(train=indices.tolist(), val=val_idx.tolist(), test=test_idx.tolist())
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 from joblib import Parallel, delayed
-from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit, train_test_split
+from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
 
 from typing import TYPE_CHECKING
 
@@ -142,15 +142,12 @@ def _params_text(params: dict) -> str:
 
 # ----------------------------------------------------------------------------- splits
 def _test_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The training and test positions for ``--test FRACTION`` (see data.stratified_split)."""
+    from .data import stratified_split
+
     if not 0.0 < fraction < 1.0:
         raise TlpInputError(f"--test must be a fraction between 0 and 1 or a data set, got {fraction}")
-    indices = np.arange(len(labels))
-    try:
-        train, test = train_test_split(indices, test_size=fraction, stratify=labels, random_state=seed)
-    except ValueError as error:
-        raise TlpInputError(f"cannot hold out {fraction} of the data stratified by class ({error}); "
-                            "use a smaller --test or add images to small classes") from None
-    return np.sort(train), np.sort(test)
+    return stratified_split(labels, fraction, seed, "test")
 
 
 def _folds(labels: np.ndarray, cv: int, val: float | None, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -87,3 +87,26 @@ def test_separate_test_labels_are_matched_by_class_name():
     assert mapped.tolist() == [1, 0, 0, 1]
     with pytest.raises(TlpInputError, match=r"'test/' has classes not in the training data: emu"):
         labels_by_class_name([0], ["emu"], into=["cat", "dog"], source="test/")
+
+
+def test_one_stratified_split_for_sweep_finetune_and_run():
+    """Where the fraction covers every class it is sklearn's stratified split; below that it
+    still holds out as many images as there are classes (the sweep used to refuse;
+    fine-tuning did this)."""
+    import numpy as np
+    from sklearn.model_selection import train_test_split
+
+    from pipeline.data import stratified_split
+    from pipeline.sweep import _test_split
+
+    labels = np.repeat(np.arange(4), [30, 20, 12, 6])
+    for fraction in (0.5, 0.25, 0.1):
+        kept, held = stratified_split(labels, fraction, seed=3)
+        plain_kept, plain_held = train_test_split(np.arange(len(labels)), test_size=fraction, stratify=labels,
+                                                  random_state=3)
+        assert held.tolist() == sorted(plain_held) and kept.tolist() == sorted(plain_kept)
+        assert [a.tolist() for a in _test_split(labels, fraction, 3)] == [kept.tolist(), held.tolist()]
+    kept, held = stratified_split(labels, 0.02, seed=3)  # ceil(0.02 x 68) = 2 < 4 classes
+    assert len(held) == 4 and len(kept) == 64 and set(labels[held]) <= {0, 1, 2, 3}
+    with pytest.raises(TlpInputError, match="cannot hold out 0.5 of the data as val"):
+        stratified_split(np.array([0, 0, 0, 1]), 0.5, seed=0, what="val")
