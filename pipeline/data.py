@@ -94,9 +94,10 @@ def stratified_split(labels, fraction: float, seed: int, what: str = "test") -> 
     stratified by label and seeded, and at least as many rows as there are classes (what
     a stratified split needs; scikit-learn's allocation may still leave a small class
     out), so that tiny data sets still split. Wherever ``ceil(fraction x n)`` reaches the
-    number of classes this is ``train_test_split(test_size=fraction, stratify=labels)``. The sweep, fine-tuning and
-    ``tlp run``'s advice all hold out their test part with it, so they agree by
-    construction; ``what`` names the option in the error (``test`` or ``val``)."""
+    number of classes this is ``train_test_split(test_size=fraction, stratify=labels)``.
+    The sweep, fine-tuning and ``tlp run``'s advice all hold out their test part with it,
+    so they agree by construction; ``what`` names the option in the error (``test`` or
+    ``val``)."""
     from sklearn.model_selection import train_test_split
 
     labels = np.asarray(labels)

@@ -30,12 +30,11 @@ import multiprocessing
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from joblib import Parallel, delayed
 from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
-
-from typing import TYPE_CHECKING
 
 from .cache import FeatureFile
 from .errors import TlpInputError
