@@ -92,12 +92,13 @@ class SweepResult:
         heads = list(dict.fromkeys(row["head"] for row in self.results))
         cell = {(row["layer"], row["head"]): row for row in self.results}
         rows = []
+        spread = any(row["cv_std"] is not None for row in self.results)  # else one split: no ± at all
         for layer in layers:
             values = []
             for head in heads:
                 row = cell.get((layer, head))
                 mark = "*" if row is self.best else "~" if row is not None and self._stopped(row) else " "
-                values.append("" if row is None else f"{_accuracy_text(row)}{mark}")
+                values.append("" if row is None else f"{_accuracy_text(row, spread)}{mark}")
             rows.append([layer] + values)
         table = format_table(rows, ["layer"] + heads)
         stopped = sorted({row["n_folds"] for row in self.results if self._stopped(row)})
@@ -122,10 +123,11 @@ class SweepResult:
         return path
 
 
-def _accuracy_text(row: dict) -> str:
-    """Mean ± std over the folds a row ran; a single fold (or --val split) has no spread."""
+def _accuracy_text(row: dict, spread: bool) -> str:
+    """Mean ± std over the folds a row ran; a single fold (or --val split) has no spread,
+    and is padded to line up with the rows that have one when the table shows any."""
     if row["cv_std"] is None:
-        return f"{row['cv_accuracy']:.3f}        "
+        return f"{row['cv_accuracy']:.3f}" + (" " * 8 if spread else "")
     return f"{row['cv_accuracy']:.3f} ± {row['cv_std']:.3f}"
 
 

@@ -289,6 +289,10 @@ def test_a_row_stopped_after_one_fold_shows_no_spread():
     table = SweepResult("m", ["a"], 10, 0, rows, rows[1], n_folds=5, racing=True).table()
     assert "0.900   " in table and "0.900 ±" not in table and "0.990 ± 0.010*" in table
     assert "stopped by racing after 1 of 5 folds" in table
+    # One validation split (--val): no row has a spread, and none is padded for one.
+    single = [dict(row, cv_std=None, n_folds=1) for row in rows]
+    table = SweepResult("m", ["a"], 10, 0, single, single[1], n_folds=1, racing=True).table()
+    assert "0.990*" in table and "~" not in table and "±" not in table
 
 
 def test_fold_task_workers_do_not_import_torch():
