@@ -79,7 +79,8 @@ from sklearn.model_selection import GridSearchCV  # noqa: E402
 import pipeline  # noqa: E402
 from pipeline.heads import HEADS, PATH_REFINE, PATH_STEP, head_grid, make_head  # noqa: E402
 from pipeline.report import format_table, write_report  # noqa: E402
-from pipeline.sweep import DEFAULT_HEADS, RACE_FOLDS, RACE_MIN_GAP, RACE_Z, _folds, _test_split  # noqa: E402
+from pipeline.data import test_split  # noqa: E402
+from pipeline.sweep import DEFAULT_HEADS, RACE_FOLDS, RACE_MIN_GAP, RACE_Z, _folds  # noqa: E402
 
 from extract import cpu_busy_fraction  # noqa: E402  (benchmarks/extract.py)
 
@@ -357,7 +358,7 @@ def run(args, cache_dir: Path) -> dict:
     dims = {name: int(values.shape[1]) for name, values in X.items()}
     print(f"{DATA}: {len(y)} images, layers {dims} (extracted {extracted.n_extracted} in {extracted.seconds:.1f} s)")
     # Exactly the sweep's split and folds (pipeline.sweep uses these helpers with seed 0).
-    train_idx, _test_idx = _test_split(y, TEST_FRACTION, SEED)
+    train_idx, _test_idx = test_split(y, TEST_FRACTION, SEED)
     y_train = y[train_idx]
     folds = _folds(y_train, CV, None, SEED)
     X_train = {name: values[train_idx] for name, values in X.items()}

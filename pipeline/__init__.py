@@ -55,26 +55,7 @@ _EXPORTS = {
     "ImageDecodeError": "errors",
 }
 
-__all__ = [
-    "extract",
-    "ExtractSettings",
-    "ExtractResult",
-    "FeatureFile",
-    "CachedFeatures",
-    "load_dataset",
-    "resolve_model",
-    "sweep",
-    "SweepResult",
-    "finetune",
-    "FinetuneSettings",
-    "FinetuneResult",
-    "advise",
-    "Advice",
-    "run",
-    "RunOutcome",
-    "TlpInputError",
-    "ImageDecodeError",
-]
+__all__ = list(_EXPORTS)
 
 __version__ = "0.1.0"
 

@@ -27,7 +27,7 @@ import numpy as np
 from .errors import ImageDecodeError, TlpInputError
 from .images import DEFAULT_MAX_PIXELS, probe_image
 
-__all__ = ["Item", "Skipped", "Dataset", "load_dataset", "labels_by_class_name", "stratified_split",
+__all__ = ["Item", "Skipped", "Dataset", "load_dataset", "labels_by_class_name", "stratified_split", "test_split",
            "BUILTIN_DATASETS", "IMAGE_EXTENSIONS"]
 
 logger = logging.getLogger(__name__)
@@ -108,6 +108,13 @@ def stratified_split(labels, fraction: float, seed: int, what: str = "test") -> 
         raise TlpInputError(f"cannot hold out {fraction} of the data as {what} stratified by class ({error}); "
                             f"use a smaller --{what} or add images to small classes") from None
     return np.sort(kept), np.sort(held)
+
+
+def test_split(labels, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (training, test) positions for ``--test FRACTION``."""
+    if not 0.0 < fraction < 1.0:
+        raise TlpInputError(f"--test must be a fraction between 0 and 1 or a data set, got {fraction}")
+    return stratified_split(labels, fraction, seed, "test")
 
 
 def labels_by_class_name(labels, classes: list[str], into: list[str], source) -> np.ndarray:

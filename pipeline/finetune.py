@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import canonical_json, temp_name, _fsync_dir
-from .data import DEFAULT_MAX_PIXELS, Dataset, labels_by_class_name, load_dataset, stratified_split
+from .data import DEFAULT_MAX_PIXELS, Dataset, labels_by_class_name, load_dataset, stratified_split, test_split
 from .device import autocast, resolve_device, resolve_precision, tune_cpu_allocator
 from .errors import ImageDecodeError, TlpInputError
 from .extract import stack_channels_last
@@ -624,10 +624,7 @@ def _split(dataset: Dataset, test, settings: FinetuneSettings) -> tuple[Dataset 
     indices = np.arange(len(labels))
     test_dataset, test_idx = None, np.arange(0)
     if isinstance(test, (int, float)) and not isinstance(test, bool):
-        if not 0 < float(test) < 1:
-            raise TlpInputError(f"--test must be a fraction between 0 and 1 or a data set, got {test}")
-        kept, held = stratified_split(labels, float(test), settings.seed, "test")
-        indices, test_idx = kept, held
+        indices, test_idx = test_split(labels, float(test), settings.seed)
     elif test is not None:
         test_dataset = load_dataset(test, on_error=settings.on_error)
         _test_labels(dataset, test_dataset)  # an unknown class fails now, before any training

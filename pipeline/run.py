@@ -46,10 +46,10 @@ def _training_part(dataset, test, seed: int):
     """The data set without its test fraction (the same split the sweep and fine-tuning make)."""
     if not isinstance(test, (int, float)) or isinstance(test, bool):
         return dataset
-    from .sweep import _test_split
+    from .data import test_split
 
     labels = np.asarray([item.label for item in dataset.items])
-    train, _ = _test_split(labels, float(test), seed)
+    train, _ = test_split(labels, float(test), seed)
     return dataset.subset(train, f"{dataset.name} (training part)")
 
 

@@ -142,15 +142,6 @@ def _params_text(params: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- splits
-def _test_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The training and test positions for ``--test FRACTION`` (see data.stratified_split)."""
-    from .data import stratified_split
-
-    if not 0.0 < fraction < 1.0:
-        raise TlpInputError(f"--test must be a fraction between 0 and 1 or a data set, got {fraction}")
-    return stratified_split(labels, fraction, seed, "test")
-
-
 def _folds(labels: np.ndarray, cv: int, val: float | None, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Stratified K folds (fewer when a class is tiny, with a warning) or one validation split."""
     smallest = int(np.bincount(labels)[np.unique(labels)].min())
@@ -467,6 +458,7 @@ def sweep(
     -------
     SweepResult
     """
+    from .data import test_split
     from .extract import ExtractSettings, extract
 
     heads = check_heads(heads)
@@ -483,7 +475,7 @@ def sweep(
         layers = {name: features.load(name) for name in features.layers}
     test_layers, test_labels = None, None
     if isinstance(test, (int, float)) and not isinstance(test, bool):
-        train_idx, test_idx = _test_split(labels, float(test), seed)
+        train_idx, test_idx = test_split(labels, float(test), seed)
     else:
         train_idx, test_idx = np.arange(len(labels)), np.arange(0)
         if test is not None:

@@ -96,8 +96,7 @@ def test_one_stratified_split_for_sweep_finetune_and_run():
     import numpy as np
     from sklearn.model_selection import train_test_split
 
-    from pipeline.data import stratified_split
-    from pipeline.sweep import _test_split
+    from pipeline.data import stratified_split, test_split
 
     labels = np.repeat(np.arange(4), [30, 20, 12, 6])
     for fraction in (0.5, 0.25, 0.1):
@@ -105,7 +104,7 @@ def test_one_stratified_split_for_sweep_finetune_and_run():
         plain_kept, plain_held = train_test_split(np.arange(len(labels)), test_size=fraction, stratify=labels,
                                                   random_state=3)
         assert held.tolist() == sorted(plain_held) and kept.tolist() == sorted(plain_kept)
-        assert [a.tolist() for a in _test_split(labels, fraction, 3)] == [kept.tolist(), held.tolist()]
+        assert [a.tolist() for a in test_split(labels, fraction, 3)] == [kept.tolist(), held.tolist()]
     kept, held = stratified_split(labels, 0.02, seed=3)  # ceil(0.02 x 68) = 2 < 4 classes
     assert len(held) == 4 and len(kept) == 64 and set(labels[held]) <= {0, 1, 2, 3}
     with pytest.raises(TlpInputError, match="cannot hold out 0.5 of the data as val"):
