@@ -2,62 +2,59 @@
 
 Extract pooled activations from several depths of a frozen pretrained CNN once, cache
 them in HDF5 keyed by a fingerprint of everything that changes the numbers, and reuse
-them across experiments.
+them across experiments: sweep classical heads over them, fine-tune where data is large,
+and let the planner measure which of the four transfer-learning cases a data set is in.
 
 Public API
 ----------
+load_dataset(data) -> Dataset ; split(dataset, test, seed) -> (train, test)
+    Scan a folder, CSV manifest or built-in data set once; hold out a test part.
 extract(data, **settings) -> ExtractResult
     Run (or reuse) an extraction; ``result.path`` is the HDF5 cache file.
-FeatureFile(path)
-    Read a cache file: ``.load(layer)``, ``.labels``, ``.paths``, ``.classes``.
-load_dataset(data) -> Dataset
-    Scan a folder, CSV manifest or built-in data set.
-resolve_model(name) -> ModelSpec
-    Model, weights and preprocessing without building the network.
-CachedFeatures(cache_file, layer)
-    scikit-learn transformer: image paths -> cached features (for your own Pipeline).
+FeatureFile(path) ; CachedFeatures(cache_file, layer)
+    Read a cache file; a scikit-learn transformer serving cached features by image path.
 sweep(data, test=..., heads=...) -> SweepResult
-    Fit softmax/SVM/MLP/kNN heads on cached layers; select by cross-validation.
+    Fit softmax/SVM/MLP/kNN heads on cached layers (or on your own ``(X, y)``); select by CV.
 finetune(data, test=..., case=..., freeze=..., out=...) -> FinetuneResult
     Fine-tune the network with a new classifier layer; resumable from checkpoints.
-advise(data) -> Advice
-    Measure size and similarity to the source domain; the case (1-4) and its recipe.
-run(data, test=...) -> RunOutcome
-    Advise, then sweep (cases 1-2) or fine-tune (cases 3-4).
+advise(data) -> Advice ; run(data, test=...) -> RunOutcome
+    Measure size and similarity (the case, 1-4, and its recipe); advise, then do it.
+predict(model_dir, images) -> Predictions ; predict_imagenet(images)
+    Label images with a saved model, or with the network's own ImageNet classes.
+ModelOptions, ExtractSettings, SweepSettings, PlanSettings, FinetuneSettings
+    Every option of every stage, with defaults and what each changes (tlp.settings).
+
+Importing the package is light: names load their modules on first use (PEP 562), so
+joblib's sweep workers, which import only the sweep's modules, never import torch.
 """
 
 import importlib
+import logging
 import sys
-import types
 
-# Public name -> the submodule that defines it, imported on first use (PEP 562). Importing
-# the package stays light: joblib's workers import pipeline.sweep for the sweep's fold
-# tasks, and with every submodule imported up front each worker imported torch first
-# (about 4 s of a fresh `tlp sweep`, against about 1.5 s for what the tasks need).
+__version__ = "0.2.0"
+
+# Public name -> the module that defines it.
 _EXPORTS = {
-    "extract": "extract",
-    "ExtractSettings": "extract",
-    "ExtractResult": "extract",
-    "FeatureFile": "cache",
-    "CachedFeatures": "features",
-    "load_dataset": "data",
+    "load_dataset": "data", "split": "data", "Dataset": "dataset",
+    "extract": "_extract", "ExtractResult": "_extract",
+    "FeatureFile": "featurefile", "CachedFeatures": "features",
     "resolve_model": "models",
-    "sweep": "sweep",
-    "SweepResult": "sweep",
-    "finetune": "finetune",
-    "FinetuneSettings": "finetune",
-    "FinetuneResult": "finetune",
-    "advise": "plan",
-    "Advice": "plan",
-    "run": "run",
-    "RunOutcome": "run",
-    "TlpInputError": "errors",
-    "ImageDecodeError": "errors",
+    "sweep": "_sweep", "SweepResult": "_sweep",
+    "finetune": "finetuning.stage", "FinetuneResult": "finetuning.loop",
+    "advise": "plan", "Advice": "plan",
+    "run": "_run", "RunOutcome": "_run",
+    "predict": "_predict", "predict_imagenet": "_predict", "Predictions": "_predict",
+    "load_model": "saved",
+    "ModelOptions": "settings", "ExtractSettings": "settings", "SweepSettings": "settings",
+    "PlanSettings": "settings", "FinetuneSettings": "settings",
+    "TlpInputError": "errors", "ImageDecodeError": "errors",
 }
 
 __all__ = list(_EXPORTS)
 
-__version__ = "0.1.0"
+# A library stays quiet unless its user configures logging (the command line does).
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 
 def __getattr__(name: str):
@@ -73,16 +70,47 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
 
 
-class _Package(types.ModuleType):
-    """The package module, keeping ``pipeline.extract``, ``.sweep``, ``.finetune`` and
-    ``.run`` the functions: importing a submodule of the same name would otherwise
-    replace the function with the module (the import system sets the submodule as an
-    attribute of its package). ``from pipeline.sweep import SweepResult`` still works."""
+class _LegacyName:
+    """Serves ``pipeline.X`` as the already-imported ``tlp.X`` (same module objects), for
+    code written before the import name became ``tlp``."""
 
-    def __setattr__(self, name: str, value) -> None:
-        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
-            return
-        super().__setattr__(name, value)
+    def __init__(self, legacy: str):
+        self.legacy = legacy
+        self._specs: dict[str, object] = {}
+
+    def find_spec(self, fullname, path=None, target=None):
+        import importlib.util
+
+        if not fullname.startswith(self.legacy + "."):
+            return None
+        real = "tlp" + fullname[len(self.legacy):]
+        if fullname.endswith(".__main__"):  # runpy (`python -m pipeline`) needs code to run as __main__
+            return importlib.util.spec_from_file_location(fullname, importlib.util.find_spec(real).origin)
+        return importlib.util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec):
+        module = importlib.import_module("tlp" + spec.name[len(self.legacy):])
+        self._specs[spec.name] = module.__spec__
+        return module
+
+    def exec_module(self, module) -> None:
+        # The import system stamped the legacy spec on the module: give it back its own.
+        module.__spec__ = self._specs.pop(self.legacy + module.__name__[len("tlp"):], module.__spec__)
 
 
-sys.modules[__name__].__class__ = _Package
+def _serve_under_legacy_name(legacy: str, init_file: str, package_path: list) -> None:
+    """This folder imported as ``legacy`` (``pipeline``, its name in a checkout): load it as
+    ``tlp`` if it is not loaded yet, and make ``legacy`` and its submodules the same modules."""
+    import importlib.util
+
+    if "tlp" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("tlp", init_file, submodule_search_locations=package_path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["tlp"] = module
+        spec.loader.exec_module(module)
+    sys.meta_path.insert(0, _LegacyName(legacy))
+    sys.modules[legacy] = sys.modules["tlp"]
+
+
+if __name__ != "tlp":
+    _serve_under_legacy_name(__name__, __file__, __path__)

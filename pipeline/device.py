@@ -17,15 +17,15 @@ import sys
 import torch
 
 from .errors import TlpInputError
+from .settings import PRECISIONS
 
 __all__ = [
     "PRECISIONS", "resolve_device", "resolve_precision", "autocast", "cpu_has_native_bf16",
-    "tune_cpu_allocator",
+    "tune_cpu_allocator", "default_workers",
 ]
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -63,6 +63,15 @@ def resolve_precision(name: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def default_workers(workers: int | None, device: torch.device) -> int:
+    """Decoding processes: ``workers`` if given, else 0 on a CPU (the forward or training
+    step already keeps every core busy; decoding between steps in threads is faster there)
+    and up to 8 on CUDA (decoding overlaps the GPU's work)."""
+    if workers is not None:
+        return workers
+    return 0 if device.type == "cpu" else max(1, min(8, os.cpu_count() or 1))
 
 
 def autocast(device: torch.device, precision: str):

@@ -23,10 +23,18 @@ class ImageDecodeError(TlpInputError):
         Short description of what is wrong, e.g. ``"truncated image data"``.
     """
 
+    verb = "decode"
+
     def __init__(self, path: str, reason: str):
         self.path = path
         self.reason = reason
         super().__init__(
-            f"cannot decode image {path!r}: {reason}; "
+            f"cannot {self.verb} image {path!r}: {reason}; "
             "fix or remove the file, or pass --on-error skip to leave bad files out"
         )
+
+
+class ImageReadError(ImageDecodeError):
+    """An image file could not be read at all (missing, unreadable, outside its folder)."""
+
+    verb = "read"

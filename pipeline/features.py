@@ -10,7 +10,7 @@ Examples
 >>> from sklearn.linear_model import LogisticRegression            # doctest: +SKIP
 >>> from sklearn.model_selection import GridSearchCV
 >>> from sklearn.pipeline import make_pipeline
->>> from pipeline import CachedFeatures, FeatureFile, extract
+>>> from tlp import CachedFeatures, FeatureFile, extract
 >>> result = extract("photos/", layers=("early", "mid", "late"))
 >>> with FeatureFile(result.path) as f:
 ...     paths, y = f.paths, f.labels
@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 
-from .cache import FeatureFile
+from .featurefile import FeatureFile
 from .errors import TlpInputError
 
 __all__ = ["CachedFeatures"]

@@ -42,7 +42,7 @@ import numpy as np
 import PIL
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from pipeline.errors import ImageDecodeError, TlpInputError
+from .errors import ImageDecodeError, TlpInputError
 
 __all__ = [
     "ALLOWED_FORMATS",

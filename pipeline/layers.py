@@ -1,6 +1,6 @@
 """Taps: which graph nodes to read, and a module that returns them all from one forward pass.
 
-Presets are resolved per family (see :mod:`pipeline.models`): ``early`` is the last stage
+Presets are resolved per family (see :mod:`tlp.families`): ``early`` is the last stage
 output at stride 8, ``mid`` the last at stride 16, ``late`` the last feature map before
 global pooling, ``penultimate`` the vector the classifier layer sees, ``logits`` the
 class scores. Explicit torch.fx node names (``layer3.5.relu_2``) are accepted as well.
@@ -23,7 +23,9 @@ import torch
 from torch import nn
 
 from .errors import TlpInputError
-from .models import ModelSpec, family_for
+from .families import family_for
+from .files import write_json
+from .models import ModelSpec
 
 __all__ = ["PRESETS", "Tap", "NodeInfo", "resolve_taps", "list_nodes", "build_tap_extractor"]
 
@@ -154,10 +156,8 @@ def _read_memo(memo_file: Path | None) -> dict:
 
 
 def _write_memo(memo_file: Path, memo: dict) -> None:
-    from .report import write_report
-
     try:
-        write_report(memo_file, memo)
+        write_json(memo_file, memo)
     except OSError:
         pass  # read-only cache folder: presets are simply resolved again next time
 

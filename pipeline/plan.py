@@ -25,23 +25,27 @@ which signal to overrule (``tlp sweep``/``tlp finetune`` take the recipe's optio
 
 from __future__ import annotations
 
+import dataclasses
+import shlex
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .data import Dataset, load_dataset
+from .data import as_dataset
+from .dataset import Dataset
 from .errors import TlpInputError
-from .models import DEFAULT_MODEL
+from .settings import DEFAULT_MODEL, ExtractSettings, ModelOptions, PlanSettings, route_options
 
-__all__ = ["Advice", "advise", "measure_similarity", "RECIPES", "LARGE_PER_CLASS", "ADVISE_MAX_IMAGES"]
+__all__ = ["Advice", "advise", "measure_similarity", "next_command", "RECIPES", "ADVISE_MAX_IMAGES"]
 
-# A data set is "large" when its median class holds at least this many images: from
-# there on, fine-tuning millions of weights stops overfitting and beats a frozen network
-# plus a head (the usual rule of thumb is "hundreds to thousands per class").
-LARGE_PER_CLASS = 500
-# Similarity is measured on at most this many images (a stratified, seeded sample):
-# the signals are averages that settle long before, and advising stays cheap.
-ADVISE_MAX_IMAGES = 2000
+# A data set is "large" when its median class holds at least PlanSettings.large_per_class
+# (500) images: from there on, fine-tuning millions of weights stops overfitting and beats
+# a frozen network plus a head (the usual rule of thumb is "hundreds to thousands per
+# class"). Similarity is measured on at most PlanSettings.max_images (2,000) images (a
+# stratified, seeded sample): the signals are averages that settle long before, and
+# advising stays cheap.
+ADVISE_MAX_IMAGES = PlanSettings.max_images
 # The pretrained classifier's thresholds. Measured with efficientnet_lite0: mean top-1
 # probability 0.11 on digits at 224 px, 0.83 at 64 px, 0.48 on the `photos` set; label
 # information 0.13 and 0.23 on digits, 1.0 on photos (tests/test_plan.py).
@@ -56,17 +60,31 @@ PROBE_K = 10
 RECIPES = {
     1: {"summary": "small data, similar to the source: frozen network, late-layer features, new head",
         "command": "tlp sweep DATA --layers mid,late,penultimate", "stage": "sweep",
-        "layers": ["mid", "late", "penultimate"]},
+        "layers": ["mid", "late", "penultimate"], "arguments": ["--layers", "mid,late,penultimate"]},
     2: {"summary": "small data, different from the source: frozen network, early/mid-layer features, new head",
         "command": "tlp sweep DATA --layers early,mid,late", "stage": "sweep",
-        "layers": ["early", "mid", "late"]},
+        "layers": ["early", "mid", "late"], "arguments": ["--layers", "early,mid,late"]},
     3: {"summary": "large data, similar: new classifier layer, pretrained start, first 70% frozen, "
                    "pretrained layers at 0.1x the learning rate",
-        "command": "tlp finetune DATA --case 3", "stage": "finetune"},
+        "command": "tlp finetune DATA --case 3", "stage": "finetune", "arguments": ["--case", "3"]},
     4: {"summary": "large data, different: new classifier layer, fine-tune the whole network "
                    "(or --from-scratch when pretrained starts do not help)",
-        "command": "tlp finetune DATA --case 4", "stage": "finetune"},
+        "command": "tlp finetune DATA --case 4", "stage": "finetune", "arguments": ["--case", "4"]},
 }
+
+
+def next_command(case: int, data: str, options: ModelOptions) -> str:
+    """The command that carries out the case's recipe on ``data`` with the user's model
+    options (those that differ from the defaults), ready to paste."""
+    recipe = RECIPES[case]
+    words = ["tlp", "sweep" if recipe["stage"] == "sweep" else "finetune", data, *recipe["arguments"]]
+    for item in dataclasses.fields(ModelOptions):
+        value = getattr(options, item.name)
+        if value == item.default or item.name == "cache_dir" and value is None:
+            continue
+        flag = "--" + item.name.replace("_", "-")
+        words += [flag] if value is True else [flag, str(value)]
+    return " ".join(shlex.quote(word) for word in words)
 
 
 @dataclass
@@ -77,9 +95,11 @@ class Advice:
     recipe: dict
     evidence: dict = field(default_factory=dict)
     model: str = DEFAULT_MODEL
+    command: str = ""  # the recipe as a command on the user's data, with their options
 
     def to_report(self) -> dict:
-        return {"case": self.case, "recipe": self.recipe, "evidence": self.evidence, "model": self.model}
+        return {"case": self.case, "recipe": self.recipe, "evidence": self.evidence, "model": self.model,
+                "command": self.command}
 
     def summary(self) -> str:
         size, similarity = self.evidence["size"], self.evidence["similarity"]
@@ -102,7 +122,7 @@ class Advice:
         lm = signals["logme"]
         scores = ", ".join(f"{layer} {score:.3f}" for layer, score in lm["scores"].items())
         lines.append(f"    LogME by depth: {scores} -> {_word(lm['similar'])}")
-        lines.append(f"  next: {self.recipe['command']}")
+        lines.append(f"  next: {self.command or self.recipe['command']}")
         return "\n".join(lines)
 
 
@@ -144,30 +164,53 @@ def _probe_accuracy(X: np.ndarray, y: np.ndarray, seed: int) -> float:
     return float(cross_val_score(make_head("knn", {"k": k}), X, y, cv=splitter).mean())
 
 
-def measure_similarity(data, *, model: str = DEFAULT_MODEL, weights=None, image_size: int | None = None,
-                       cache_dir: str = "cache", seed: int = 0, max_images: int = ADVISE_MAX_IMAGES,
-                       precision: str = "auto", progress: bool = True) -> dict:
-    """The three similarity signals on (a sample of) ``data`` and their majority vote."""
-    from .cache import FeatureFile
-    from .extract import extract
+def _settings(options, plan, overrides, where: str) -> tuple[ModelOptions, PlanSettings]:
+    """The model options and planner settings of a call, with keyword overrides routed by name."""
+    routed = route_options(overrides, (ModelOptions, PlanSettings), where)
+    base = options if options is not None else ModelOptions()
+    model = ModelOptions(**{f.name: getattr(base, f.name) for f in dataclasses.fields(ModelOptions)})
+    model = dataclasses.replace(model, **routed[ModelOptions]).validated()
+    return model, dataclasses.replace(plan or PlanSettings(), **routed[PlanSettings]).validated()
+
+
+def measure_similarity(data, options: ModelOptions | None = None, plan: PlanSettings | None = None,
+                       **overrides) -> dict:
+    """The three similarity signals on (a sample of) ``data`` and their majority vote.
+
+    ``options`` is any settings object with the model options (a FinetuneSettings too);
+    keyword ``overrides`` set single fields of ModelOptions or PlanSettings.
+    """
+    from tqdm.auto import tqdm
+
+    from ._extract import extract
+    from .featurefile import FeatureFile
     from .transferability import logme
 
-    dataset = data if isinstance(data, Dataset) else load_dataset(data)
-    sample = _sample(dataset, max_images, seed)
+    options, plan = _settings(options, plan, overrides, "measure_similarity()")
+    sample = _sample(as_dataset(data), plan.max_images, plan.seed)
     # penultimate rides along (same forward pass) so that case 1's sweep finds it cached.
-    layers = PROBE_LAYERS + ("penultimate", "logits")
-    # Every registered family names its logits node, so the classifier's output is
-    # always there; any error here is about the data or the model and is reported.
-    result = extract(sample, model=model, weights=weights, image_size=image_size, cache_dir=cache_dir,
-                     layers=layers, pool="auto", precision=precision, progress=progress)
+    # Every registered family names its logits node, so the classifier's output is always
+    # there; any error here is about the data or the model and is reported.
+    settings = ExtractSettings(**dataclasses.asdict(options), layers=PROBE_LAYERS + ("penultimate", "logits"),
+                               pool="auto", progress=plan.progress)
+    result = extract(sample, settings)
     with FeatureFile(result.path) as features:
         y = features.labels
         X = {name: features.load(name) for name in features.layers}
     signals = {}
     if X["logits"].shape[1] >= 2:
         signals["pretrained_classifier"] = _classifier_signal(X["logits"], y)
-    signals["depth_trend"] = _depth_signal({layer: _probe_accuracy(X[layer], y, seed) for layer in PROBE_LAYERS})
-    signals["logme"] = _logme_signal({layer: logme(X[layer], y) for layer in PROBE_LAYERS})
+    probes = tqdm(total=2 * len(PROBE_LAYERS), desc="similarity probes", unit="probe", file=sys.stderr,
+                  disable=not plan.progress, leave=False)
+    with probes:
+        accuracy, evidence = {}, {}
+        for layer in PROBE_LAYERS:
+            accuracy[layer] = _probe_accuracy(X[layer], y, plan.seed)
+            probes.update()
+            evidence[layer] = logme(X[layer], y)
+            probes.update()
+    signals["depth_trend"] = _depth_signal(accuracy)
+    signals["logme"] = _logme_signal(evidence)
     votes = {name: bool(signal["similar"]) for name, signal in signals.items()}
     votes_similar = int(sum(votes.values()))
     return {"n_images": len(sample.items), "signals": signals, "votes": votes, "votes_similar": votes_similar,
@@ -213,16 +256,19 @@ def _logme_signal(scores: dict[str, float]) -> dict:
             "late_minus_best_earlier": round(float(gap), 4), "similar": bool(gap >= 0.0)}
 
 
-def advise(data, *, model: str = DEFAULT_MODEL, weights=None, image_size: int | None = None,
-           cache_dir: str = "cache", large_per_class: int = LARGE_PER_CLASS, seed: int = 0,
-           precision: str = "auto", progress: bool = True) -> Advice:
-    """Decide the case for ``data`` (folder, CSV, built-in name or a scanned Dataset)."""
-    if large_per_class < 1:
-        raise TlpInputError(f"--large-per-class must be at least 1, got {large_per_class}")
-    dataset = data if isinstance(data, Dataset) else load_dataset(data)
-    size = _size_evidence(dataset, large_per_class)
-    similarity = measure_similarity(dataset, model=model, weights=weights, image_size=image_size,
-                                    cache_dir=cache_dir, seed=seed, precision=precision, progress=progress)
+def advise(data, options: ModelOptions | None = None, plan: PlanSettings | None = None, *,
+           data_name: str | None = None, **overrides) -> Advice:
+    """Decide the case for ``data`` (a Dataset, folder, CSV or built-in name).
+
+    ``options`` (model, weights, image size, ...) and ``plan`` (size threshold, sample
+    size, seed) may be given as objects or as keyword ``overrides``. ``data_name`` is how
+    the printed next command names the data (default: the data set's own name).
+    """
+    options, plan = _settings(options, plan, overrides, "advise()")
+    dataset = as_dataset(data)
+    size = _size_evidence(dataset, plan.large_per_class)
+    similarity = measure_similarity(dataset, options, plan)
     case = (3 if similarity["similar"] else 4) if size["large"] else (1 if similarity["similar"] else 2)
-    return Advice(case=case, recipe={"case": case, **RECIPES[case]},
-                  evidence={"size": size, "similarity": similarity}, model=model)
+    recipe = {"case": case, **{k: v for k, v in RECIPES[case].items() if k != "arguments"}}
+    return Advice(case=case, recipe=recipe, evidence={"size": size, "similarity": similarity}, model=options.model,
+                  command=next_command(case, data_name or dataset.name, options))

@@ -1,4 +1,4 @@
-"""Pixels to network input: resize the shorter side, centre-crop, normalise.
+"""Image bytes to network input: decode, resize the shorter side, centre-crop, normalise.
 
 Resizing uses PyTorch's antialiased uint8 kernels on channels-last pixels (the same
 separable filters as PIL, vectorised): about 2x faster than PIL on this path and equal
@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .images import DEFAULT_MAX_PIXELS, decode_image
 from .models import Preprocessing
 
-__all__ = ["RESIZE_METHOD", "resize_and_crop", "normalize"]
+__all__ = ["RESIZE_METHOD", "load_pixels", "resize_and_crop", "normalize"]
 
 RESIZE_METHOD = "torch-uint8-antialias-resize-then-crop-v1"
 
@@ -25,6 +26,12 @@ def _resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
     if width <= height:
         return shorter, int(shorter * height / width)
     return int(shorter * width / height), shorter
+
+
+def load_pixels(data: bytes, name: str, prep: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """Encoded image bytes -> uint8 tensor (3, crop, crop): the one decode path of every
+    stage (extraction, prediction, fine-tuning). Raises ImageDecodeError naming ``name``."""
+    return resize_and_crop(decode_image(data, name, max_pixels=max_pixels), prep)
 
 
 def resize_and_crop(image: Image.Image | np.ndarray, prep: Preprocessing) -> torch.Tensor:

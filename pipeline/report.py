@@ -1,32 +1,13 @@
-"""Output for people (aligned tables on stderr) and for scripts (JSON reports, atomically)."""
+"""Output for people: aligned plain-text tables (the CLI prints them on stdout).
+
+Reports for scripts are JSON, written atomically by :func:`tlp.files.write_json`.
+"""
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import Sequence
 
-from .cache import temp_name
-
-__all__ = ["write_report", "format_table"]
-
-
-def write_report(path: str | os.PathLike, report: dict) -> Path:
-    """Write ``report`` as JSON to ``path``: a reader sees the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = temp_name(path)
-    try:
-        with open(temp, "w", encoding="utf-8") as handle:
-            json.dump(report, handle, indent=2)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-    return path
+__all__ = ["format_table"]
 
 
 def format_table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:

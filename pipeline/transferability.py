@@ -34,13 +34,13 @@ from sklearn.covariance import ledoit_wolf
 
 from .errors import TlpInputError
 
-__all__ = ["logme", "h_score", "shrinkage_h_score"]
+__all__ = ["logme", "logme_fit", "LogMEFit", "h_score", "shrinkage_h_score"]
 
 logger = logging.getLogger(__name__)
 
 _EPS = float(np.finfo(np.float64).eps)
 
-# LogME's fixed-point iteration (see _fit_evidence). It stops for a class when the
+# LogME's fixed-point iteration (see logme_fit). It stops for a class when the
 # ridge ratio alpha/beta changes by less than this relative amount between iterations...
 LOGME_RATIO_TOL = 1e-6
 # ...or when its log evidence per sample changes by less than this. The second test ends
@@ -100,7 +100,7 @@ def logme(features: np.ndarray, labels: np.ndarray) -> float:
         (a ValueError) when the inputs are not a finite 2-D array and matching 1-D
         labels with at least two classes.
     """
-    fit = _fit_evidence(features, labels)
+    fit = logme_fit(features, labels)
     return float(np.mean(fit.log_evidence) / fit.n_samples)
 
 
@@ -262,8 +262,8 @@ class _Spectrum:
 
 
 @dataclass(frozen=True)
-class _EvidenceFit:
-    """Per-class result of LogME's maximisation (the test suite checks it against the textbook formula)."""
+class LogMEFit:
+    """Per-class result of LogME's maximisation, to check against the textbook formula."""
 
     alpha: np.ndarray  # (K,) prior precision of the weights at the maximum; inf = "use no feature"
     beta: np.ndarray  # (K,) noise precision at the maximum
@@ -272,7 +272,7 @@ class _EvidenceFit:
     n_samples: int
 
 
-def _fit_evidence(features, labels) -> _EvidenceFit:
+def logme_fit(features, labels) -> LogMEFit:
     """Maximise every class's log evidence over (alpha, beta) with one shared spectrum.
 
     The fixed point is run on the ridge ratio alpha/beta for all classes at once; the
@@ -284,7 +284,7 @@ def _fit_evidence(features, labels) -> _EvidenceFit:
     spectrum = _spectrum(features, _class_indicator(class_index, n_classes))
     ratio, iterations = _maximise_ratio(spectrum, n_classes)
     evidence, beta = _profile_evidence(spectrum, ratio)
-    return _EvidenceFit(alpha=beta * ratio, beta=beta, log_evidence=evidence, iterations=iterations,
+    return LogMEFit(alpha=beta * ratio, beta=beta, log_evidence=evidence, iterations=iterations,
                         n_samples=spectrum.n_samples)
 
 

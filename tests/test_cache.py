@@ -8,9 +8,9 @@ import shutil
 import h5py
 import numpy as np
 
-from pipeline import FeatureFile, extract
-from pipeline.cache import fingerprint
-from pipeline.cli import main
+from tlp import FeatureFile, extract
+from tlp.files import fingerprint
+from tlp.cli import main
 
 from helpers import FAST
 
@@ -79,7 +79,7 @@ def test_gc_removes_merged_and_partial_shards(image_folder, cache_dir, capsys):
     (partial / "shard-0.h5").write_bytes(b"not hdf5")
     assert main(["cache", "gc", "--cache-dir", str(cache_dir)]) == 0
     assert not partial.exists()
-    assert "freed" in capsys.readouterr().err
+    assert "freed" in capsys.readouterr().out
 
 
 def test_shard_folder_removed_by_another_run_is_made_again(tmp_path):
@@ -90,7 +90,7 @@ def test_shard_folder_removed_by_another_run_is_made_again(tmp_path):
     import threading
     import time
 
-    from pipeline.cache import atomic_h5
+    from tlp.files import atomic_h5
 
     folder = tmp_path / ".partial" / "run"
     stop, removal_due = threading.Event(), threading.Semaphore(0)

@@ -9,9 +9,9 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline import FeatureFile, extract
-from pipeline.cli import main
-from pipeline.errors import ImageDecodeError, TlpInputError
+from tlp import FeatureFile, extract
+from tlp.cli import main
+from tlp.errors import ImageDecodeError, TlpInputError
 
 from helpers import FAST, write_images
 
@@ -115,7 +115,7 @@ def test_one_changed_byte_changes_key_and_reextracts_only_that_image(image_folde
 def test_storage_dtype_float32_on_request_or_overflow(image_folder, cache_dir):
     result = extract(image_folder, cache_dir=cache_dir, layers=("logits",), dtype="float32", **FAST)
     assert result.layers["logits"]["dtype"] == "float32"
-    from pipeline.cache import storage_dtype
+    from tlp.featurefile import storage_dtype
 
     assert storage_dtype(np.array([[1.0, 7e4]], dtype=np.float32), "float16") == np.float32
     assert storage_dtype(np.array([[1.0, 6e4]], dtype=np.float32), "float16") == np.float16
@@ -186,7 +186,8 @@ def test_bad_options_exit_2(image_folder, cache_dir, capsys):
 
 
 def test_digits_builtin(cache_dir):
-    from pipeline.data import digits_images, load_dataset
+    from tlp.builtin import digits_images
+    from tlp.data import load_dataset
 
     images, labels = digits_images()
     assert images.shape == (1797, 8, 8, 3) and images.dtype == np.uint8
@@ -206,22 +207,25 @@ def test_decoding_strategy_does_not_change_numbers(image_folder, tmp_path):
             np.testing.assert_array_equal(a.load(layer), b.load(layer))
 
 
-def test_warm_hit_builds_no_network(image_folder, cache_dir, monkeypatch):
-    from pipeline import layers, models
+def test_warm_hit_builds_no_network(image_folder, cache_dir):
+    """A new process finds the features cached and never builds (or imports) a network."""
+    import subprocess
+    import sys
 
     first = extract(image_folder, cache_dir=cache_dir, **FAST)
-    layers._preset_nodes.cache_clear()  # as in a new process
-
-    def refuse(self):
-        raise AssertionError("a cache hit must not build the network")
-
-    monkeypatch.setattr(models.ModelSpec, "build", refuse)
-    again = extract(image_folder, cache_dir=cache_dir, **FAST)
-    assert again.key == first.key and again.n_extracted == 0
+    code = (
+        "import sys, tlp, tlp.models\n"
+        "def refuse(self): raise AssertionError('a cache hit must not build the network')\n"
+        "tlp.models.ModelSpec.build = refuse\n"
+        f"again = tlp.extract({str(image_folder)!r}, cache_dir={str(cache_dir)!r}, image_size=64, batch_size=8, "
+        "progress=False)\n"
+        f"assert again.key == {first.key!r} and again.n_extracted == 0, again\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_per_layer_pooling_auto_and_pairs(image_folder, cache_dir):
-    from pipeline.pooling import pooling_for_taps
+    from tlp.pooling import pooling_for_taps
 
     assert pooling_for_taps("auto", ["early", "mid", "late"]) == {"early": "grid2", "mid": "grid2", "late": "avg"}
     assert pooling_for_taps("late=max,avgmax", ["early", "late"]) == {"early": "avgmax", "late": "max"}

@@ -15,11 +15,10 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.cli import main
-from pipeline.finetune import (
-    FinetuneSettings, build_finetune_model, finetune, freeze_layers, parameterised_layers,
-)
-from pipeline.models import resolve_model
+from tlp.cli import main
+from tlp import finetune
+from tlp.finetuning.surgery import build_finetune_model, freeze_layers, parameterised_layers
+from tlp.models import resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(image_size=64, batch_size=8, precision="fp32", seed=0, progress=False)
@@ -151,7 +150,7 @@ def test_bad_freeze_is_a_one_line_error(image_folder, capsys):
 
 
 def _finetune_command(data: Path, out: Path, epochs: int = 3) -> list[str]:
-    return [sys.executable, "-m", "pipeline", "finetune", str(data), "--model", "efficientnet_lite0",
+    return [sys.executable, "-m", "tlp", "finetune", str(data), "--model", "efficientnet_lite0",
             "--image-size", "64", "--batch-size", "8", "--epochs", str(epochs), "--precision", "fp32",
             "--seed", "0", "--case", "4", "--out", str(out), "--quiet"]
 

@@ -18,8 +18,8 @@ import PIL
 import pytest
 from PIL import Image, ImageFile, ImageOps, features
 
-from pipeline.errors import ImageDecodeError, TlpInputError
-from pipeline.images import (
+from tlp.errors import ImageDecodeError, TlpInputError
+from tlp.images import (
     ALLOWED_FORMATS,
     DECODER_ID,
     DEFAULT_MAX_PIXELS,

@@ -10,12 +10,13 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_sample_image
 
-from pipeline import FeatureFile, extract
-from pipeline.cli import main
-from pipeline.errors import TlpInputError
-from pipeline.layers import build_tap_extractor, preset_nodes, resolve_taps
-from pipeline.models import imagenet_categories, list_families, resolve_model
-from pipeline.pooling import pool, pooled_dim
+from tlp import FeatureFile, extract
+from tlp.cli import main
+from tlp.errors import TlpInputError
+from tlp.layers import build_tap_extractor, preset_nodes, resolve_taps
+from tlp.families import list_families
+from tlp.models import imagenet_categories, resolve_model
+from tlp.pooling import pool, pooled_dim
 
 # One architecture per registered family (random init: no download needed).
 FAMILY_EXAMPLES = {
@@ -124,10 +125,10 @@ def test_preprocessing_comes_from_weights_and_image_size_overrides():
 
 def test_layers_command_lists_presets_and_nodes(capsys):
     assert main(["layers", "efficientnet_lite0"]) == 0
-    err = capsys.readouterr().err
-    assert "early" in err and "blocks.2" in err and "bn2" in err and "stride" in err
+    out = capsys.readouterr().out
+    assert "early" in out and "blocks.2" in out and "bn2" in out and "stride" in out
     assert main(["layers", "resnet18"]) == 0  # no weights present: the graph is listed anyway
-    assert "layer4" in capsys.readouterr().err
+    assert "layer4" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name,expected", [("avg", 8), ("max", 8), ("avgmax", 16), ("grid2", 32)])

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import load_dataset
-from pipeline.cli import main
-from pipeline.errors import TlpInputError
-from pipeline.photos import CLASSES, _SOURCES, _source_photo, load_photos, photos_images
+from tlp import load_dataset
+from tlp.cli import main
+from tlp.errors import TlpInputError
+from tlp.builtin import PHOTO_CLASSES, PHOTO_SOURCES, load_photos, photos_images, source_photo
 
 # scikit-image is in the test extra; without it only the missing-package test runs.
 needs_skimage = pytest.mark.skipif(importlib.util.find_spec("skimage") is None, reason="needs scikit-image")
@@ -23,7 +23,7 @@ needs_skimage = pytest.mark.skipif(importlib.util.find_spec("skimage") is None, 
 def test_classes_counts_and_item_names():
     dataset = load_dataset("photos")
     assert dataset.kind == "builtin" and dataset.name == "photos"
-    assert dataset.classes == ["cat", "coffee", "flower", "motorcycle", "pagoda", "rocket"] == CLASSES
+    assert dataset.classes == ["cat", "coffee", "flower", "motorcycle", "pagoda", "rocket"] == PHOTO_CLASSES
     assert np.bincount([item.label for item in dataset.items]).tolist() == [20] * 6
     assert dataset.items[0].path == "photos/cat/000.png" and dataset.items[-1].path == "photos/rocket/019.png"
     image = Image.open(io.BytesIO(dataset.read_bytes(dataset.items[-1])))
@@ -49,8 +49,8 @@ def test_more_per_class_only_appends_crops():
 
 @needs_skimage
 def test_every_keep_box_fits_the_smallest_crop():
-    for _, package, filename, (x0, y0, x1, y1) in _SOURCES:
-        height, width = _source_photo(package, filename).shape[:2]
+    for _, package, filename, (x0, y0, x1, y1) in PHOTO_SOURCES:
+        height, width = source_photo(package, filename).shape[:2]
         assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height, filename
         assert max(x1 - x0, y1 - y0) <= round(0.5 * min(width, height)), filename
 

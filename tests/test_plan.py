@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from pipeline.cli import main
+from tlp.cli import main
 
 needs_skimage = pytest.mark.skipif(importlib.util.find_spec("skimage") is None, reason="photos needs scikit-image")
 
@@ -38,7 +38,7 @@ def test_digits_are_small_and_different(tmp_path, planner_cache, capsys):
     assert accuracy["mid"] > accuracy["late"] + 0.05
     assert signals["logme"]["scores"]["mid"] > signals["logme"]["scores"]["late"]
     assert similarity["votes_similar"] == 0
-    printed = capsys.readouterr().err
+    printed = capsys.readouterr().out
     assert "case 2" in printed and "LogME" in printed and "k-NN probe" in printed
 
 

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_sample_image
 
-from pipeline.cli import main
-from pipeline.data import digits_images
+from tlp.cli import main
+from tlp.builtin import digits_images
 
 
 @pytest.fixture(scope="module")

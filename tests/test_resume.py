@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import FeatureFile
-from pipeline.cli import main
+from tlp import FeatureFile
+from tlp.cli import main
 
 from helpers import write_images
 
@@ -101,7 +101,7 @@ def test_two_concurrent_runs_on_one_key_both_succeed(tmp_path):
     cache = tmp_path / "cache"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     processes = [
-        subprocess.Popen([sys.executable, "-m", "pipeline", *_command(data, cache, tmp_path / f"r{i}.json")],
+        subprocess.Popen([sys.executable, "-m", "tlp", *_command(data, cache, tmp_path / f"r{i}.json")],
                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         for i in range(2)
     ]

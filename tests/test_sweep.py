@@ -11,9 +11,9 @@ import pytest
 from sklearn.base import clone
 from sklearn.datasets import load_digits
 
-from pipeline.cli import main
-from pipeline.heads import HEADS, grid_scores, head_grid, make_head
-from pipeline.sweep import sweep
+from tlp.cli import main
+from tlp.heads import HEADS, grid_scores, head_grid, make_head
+from tlp import sweep
 
 from helpers import FAST
 
@@ -113,7 +113,7 @@ def test_bad_heads_exit_2(capsys):
 
 
 def test_softmax_path_is_coarse_then_fine_around_the_best_coarse_c():
-    from pipeline.heads import PATH_REFINE, PATH_STEP
+    from tlp.heads import PATH_REFINE, PATH_STEP
 
     X, y = load_digits(return_X_y=True)
     grid = head_grid("softmax", y)
@@ -151,8 +151,8 @@ def test_cached_features_transformer_in_a_grid_search(image_folder, cache_dir):
     from sklearn.model_selection import GridSearchCV
     from sklearn.pipeline import make_pipeline
 
-    from pipeline import CachedFeatures, FeatureFile, extract
-    from pipeline.errors import TlpInputError
+    from tlp import CachedFeatures, FeatureFile, extract
+    from tlp.errors import TlpInputError
 
     result = extract(image_folder, cache_dir=cache_dir, **FAST)
     with FeatureFile(result.path) as features:
@@ -167,7 +167,7 @@ def test_cached_features_transformer_in_a_grid_search(image_folder, cache_dir):
 
 
 def test_linear_svm_path_stops_but_rbf_points_always_run():
-    from pipeline.heads import SVM_PATH_PATIENCE
+    from tlp.heads import SVM_PATH_PATIENCE
 
     X, y = load_digits(return_X_y=True)
     grid = head_grid("svm", y[:800])
@@ -215,7 +215,7 @@ def digit_folder(tmp_path_factory):
     """400 digits as PNG files (40 per class)."""
     from PIL import Image
 
-    from pipeline.data import digits_images
+    from tlp.builtin import digits_images
 
     root = tmp_path_factory.mktemp("digits") / "train"
     images, labels = digits_images()
@@ -238,14 +238,14 @@ def test_racing_stops_a_clearly_worse_layer_and_says_so(digit_folder, tmp_path, 
     assert all(row["test_accuracy"] is not None for row in report["results"] if row["n_folds"] == 5)
     assert rows["late"]["cv_accuracy"] < report["best"]["cv_accuracy"] - 0.05
     assert report["best"]["n_folds"] == 5 and report["best"]["layer"] != "late"
-    table = capsys.readouterr().err
+    table = capsys.readouterr().out
     assert "~" in next(line for line in table.splitlines() if line.startswith("late"))
     assert f"stopped by racing after {rows['late']['n_folds']} of 5 folds" in table
 
     assert main(common + ["--no-racing", "--report", str(tmp_path / "full.json")]) == 0
     full = json.loads((tmp_path / "full.json").read_text())
     assert [row["n_folds"] for row in full["results"]] == [5, 5, 5]
-    assert full["racing"]["enabled"] is False and "stopped by racing" not in capsys.readouterr().err
+    assert full["racing"]["enabled"] is False and "stopped by racing" not in capsys.readouterr().out
     # The rows that ran every fold either way have the same numbers.
     assert {(r["layer"], r["cv_accuracy"]) for r in full["results"]} >= {
         (r["layer"], r["cv_accuracy"]) for r in report["results"] if r["n_folds"] == 5}
@@ -255,21 +255,21 @@ def test_later_folds_skip_grid_points_an_earlier_fold_skipped():
     """A linear-SVM C that one fold's path stopped before can never be selected (it needs a
     score on every fold), so the folds after it do not fit it either; the points fitted on
     every fold keep the numbers an unskipped sweep gives."""
-    from joblib import Parallel
-
-    from pipeline.sweep import _Cell, _folds, _run_cells
+    from sklearn.model_selection import StratifiedKFold
 
     X, y = load_digits(return_X_y=True)
     # 60 noise columns make the largest C overfit on some folds (the path stops before it
     # on folds 0 and 2, not on 1, 3 and 4).
     X = np.hstack([X[:400], 4 * np.random.default_rng(0).normal(size=(400, 60))]).astype(np.float32)
     y = y[:400]
-    folds = _folds(y, 5, None, 0)
+    result = sweep((X, y), heads=["svm"], cv=5, racing=False, n_jobs=1, progress=False)
+    frame = result.cv_results
+    scores = np.asarray([frame[f"split{k}_test_score"] for k in range(5)])  # (folds, grid)
+    fitted = np.isfinite(scores)
+    # The sweep's folds: stratified, shuffled, seed 0, as scikit-learn makes them.
+    folds = list(StratifiedKFold(n_splits=5, shuffle=True, random_state=0).split(X, y))
     grid = head_grid("svm", y)
-    cell = _Cell("raw", "svm", grid)
-    with Parallel(n_jobs=1) as parallel:
-        _run_cells(parallel, [cell], {"raw": X}, y, {"raw": X[:0]}, y[:0], folds, 0, racing=False)
-    fitted = np.isfinite(np.asarray([cell.folds[f].scores for f in range(5)]))  # (folds, grid)
+    assert frame["params"] == grid
     unskipped = [grid_scores("svm", grid, X[train], y[train], X[val], y[val]) for train, val in folds]
     on_its_own = np.isfinite(np.asarray([scores.scores for scores in unskipped]))
     # Folds 0 and 1 run first (without racing, the first round), the rest after: a point
@@ -278,11 +278,11 @@ def test_later_folds_skip_grid_points_an_earlier_fold_skipped():
     assert on_its_own[2:, skipped_early].any(), "some later fold's own path should reach a skipped C"
     assert not fitted[2:, skipped_early].any()
     for point in np.flatnonzero(fitted.all(axis=0)):
-        assert cell.means()[point] == np.mean([scores.scores[point] for scores in unskipped])
+        assert frame["mean_test_score"][point] == np.mean([fold.scores[point] for fold in unskipped])
 
 
 def test_a_row_stopped_after_one_fold_shows_no_spread():
-    from pipeline.sweep import SweepResult
+    from tlp import SweepResult
 
     rows = [{"layer": "early", "head": "knn", "params": {"k": 10}, "cv_accuracy": 0.9, "cv_std": None, "n_folds": 1},
             {"layer": "mid", "head": "knn", "params": {"k": 10}, "cv_accuracy": 0.99, "cv_std": 0.01, "n_folds": 5}]
@@ -296,18 +296,17 @@ def test_a_row_stopped_after_one_fold_shows_no_spread():
 
 
 def test_fold_task_workers_do_not_import_torch():
-    """joblib's workers import pipeline.sweep to run fold tasks; without torch they start in
-    about 1.5 s instead of 4. The public functions keep their names after the submodules load."""
+    """joblib's workers import the sweep's modules to run fold tasks; without torch they start
+    in about 1.5 s instead of 4. The public functions keep their names next to their modules."""
     import subprocess
     import sys
 
     code = (
-        "import sys, pipeline, pipeline.sweep, pipeline.heads\n"
+        "import sys, tlp, tlp.racing, tlp.heads\n"
+        "sweep, result = tlp.sweep, tlp.SweepResult\n"
         "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:3]\n"
-        "from pipeline.sweep import SweepResult\n"
-        "import pipeline.run, pipeline.finetune, pipeline.extract\n"
-        "assert all(callable(f) and f.__module__ == 'pipeline.' + f.__name__ for f in "
-        "(pipeline.sweep, pipeline.run, pipeline.finetune, pipeline.extract))\n"
-        "assert pipeline.SweepResult is SweepResult and 'sweep' in dir(pipeline)\n"
+        "import tlp.finetuning.stage, tlp.plan\n"
+        "assert all(callable(f) for f in (tlp.sweep, tlp.run, tlp.finetune, tlp.extract, tlp.advise, tlp.predict))\n"
+        "assert tlp.sweep is sweep and 'sweep' in dir(tlp) and tlp.SweepResult is result\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

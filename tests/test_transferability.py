@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from pipeline.transferability import _fit_evidence, h_score, logme, shrinkage_h_score
+from tlp.transferability import logme_fit, h_score, logme, shrinkage_h_score
 
 SCORES = [logme, h_score, shrinkage_h_score]
 
@@ -115,7 +115,7 @@ def test_logme_ignores_sample_order_column_order_and_feature_units():
 @pytest.mark.parametrize("n_samples, n_features", [(40, 60), (120, 12)], ids=["N<D", "N>D"])
 def test_logme_evidence_matches_the_textbook_formula_at_its_maximum(n_samples, n_features):
     features, labels = _separable(n_samples, n_features)
-    fit = _fit_evidence(features, labels)
+    fit = logme_fit(features, labels)
     # An interior maximum, so the comparison exercises both alpha and beta.
     assert np.all(np.isfinite(fit.alpha)) and np.all(fit.beta < 1e4)
     for k, (alpha, beta) in enumerate(zip(fit.alpha, fit.beta)):

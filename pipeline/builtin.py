@@ -1,28 +1,58 @@
-"""The built-in ``photos`` data set: seeded crops of photos shipped inside installed packages.
+"""Built-in data sets: ``digits`` (different from ImageNet) and ``photos`` (similar to it).
 
-Six colour photos of ImageNet-recognisable objects, each its own class: the stand-in for
-target data *similar* to the source domain (where ``digits`` is the *different* one).
-Nothing is downloaded: two photos come with scikit-learn, four from the files bundled in
-scikit-image's wheel (read from ``skimage.data.data_dir`` directly, so pooch is never
-asked to fetch a missing one).
+``digits`` are scikit-learn's 1,797 8x8 digits as RGB images. ``photos`` are seeded crops
+of six colour photos of ImageNet-recognisable objects shipped inside installed packages:
+the stand-in for target data *similar* to the source domain. Nothing is downloaded: two
+photos come with scikit-learn, four from the files bundled in scikit-image's wheel (read
+from ``skimage.data.data_dir`` directly, so pooch is never asked to fetch a missing one).
+Both are served as PNG bytes, so they take the same decode path as files.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import numpy as np
 
-from .data import Dataset, Item, _DigitsReader
+from .dataset import Dataset, InMemoryImages
 from .errors import TlpInputError
 
-__all__ = ["photos_images", "load_photos"]
+__all__ = ["BUILTIN_DATASETS", "load_builtin", "digits_images", "load_digits", "photos_images", "load_photos",
+           "PHOTO_CLASSES", "PHOTO_SOURCES", "source_photo"]
 
+
+def load_builtin(name: str) -> Dataset:
+    """The built-in data set ``name`` (one of BUILTIN_DATASETS)."""
+    return BUILTIN_DATASETS[name]()
+
+
+# ----------------------------------------------------------------------------- digits
+def digits_images() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 8x8 digits as uint8 RGB images (N, 8, 8, 3) and labels (N,).
+
+    Value v in 0..16 becomes gray level round(v * 255 / 16): bright ink on black.
+    """
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    gray = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=-1), bunch.target.astype(np.int64)
+
+
+def load_digits() -> Dataset:
+    """The built-in ``digits`` data set: classes ``"0"`` to ``"9"``, items ``digits/NNNN.png``."""
+    images, labels = digits_images()
+    names = [f"digits/{i:04d}.png" for i in range(len(images))]
+    return Dataset(name="digits", kind="builtin", classes=[str(d) for d in range(10)],
+                   items=InMemoryImages.items(names, images, labels, b"digits-rgb8x8\x00"),
+                   reader=InMemoryImages(names, images))
+
+
+# ----------------------------------------------------------------------------- photos
 # (class, package, file, keep box x0, y0, x1, y1 in source pixels). Every crop contains
 # the keep box, so it shows the object; each box fits in half the photo's shorter side
 # (the smallest crop). The astronaut portrait is left out: ImageNet has no class for it.
-_SOURCES = (
+PHOTO_SOURCES = (
     ("cat", "skimage", "chelsea.png", (150, 70, 290, 210)),
     ("coffee", "skimage", "coffee.png", (190, 40, 390, 240)),
     ("flower", "sklearn", "flower.jpg", (215, 130, 400, 315)),
@@ -30,7 +60,7 @@ _SOURCES = (
     ("pagoda", "sklearn", "china.jpg", (100, 30, 310, 240)),
     ("rocket", "skimage", "rocket.jpg", (295, 120, 345, 330)),
 )
-CLASSES = [name for name, *_ in _SOURCES]
+PHOTO_CLASSES = [name for name, *_ in PHOTO_SOURCES]
 
 
 def photos_images(*, per_class: int = 20, size: int = 160, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -45,8 +75,8 @@ def photos_images(*, per_class: int = 20, size: int = 160, seed: int = 0) -> tup
     if per_class < 1 or size < 1:
         raise TlpInputError(f"photos needs per_class >= 1 and size >= 1, got per_class={per_class}, size={size}")
     images, labels = [], []
-    for label, (_, package, filename, (x0, y0, x1, y1)) in enumerate(_SOURCES):
-        photo = Image.fromarray(_source_photo(package, filename))
+    for label, (_, package, filename, (x0, y0, x1, y1)) in enumerate(PHOTO_SOURCES):
+        photo = Image.fromarray(source_photo(package, filename))
         width, height = photo.size
         rng = np.random.default_rng([seed, label])
         for _ in range(per_class):
@@ -62,18 +92,15 @@ def photos_images(*, per_class: int = 20, size: int = 160, seed: int = 0) -> tup
 
 
 def load_photos(*, per_class: int = 20, size: int = 160, seed: int = 0) -> Dataset:
-    """The built-in ``photos`` data set: classes :data:`CLASSES`, items ``photos/CLASS/NNN.png``."""
+    """The built-in ``photos`` data set: classes :data:`PHOTO_CLASSES`, items ``photos/CLASS/NNN.png``."""
     images, labels = photos_images(per_class=per_class, size=size, seed=seed)
-    names = [f"photos/{CLASSES[label]}/{i % per_class:03d}.png" for i, label in enumerate(labels)]
-    prefix = f"photos-rgb{size}x{size}\x00".encode()
-    items = [
-        Item(name, int(label), hashlib.sha256(prefix + image.tobytes()).hexdigest())
-        for name, image, label in zip(names, images, labels)
-    ]
-    return Dataset(name="photos", kind="builtin", classes=list(CLASSES), items=items, _reader=_DigitsReader(names, images))
+    names = [f"photos/{PHOTO_CLASSES[label]}/{i % per_class:03d}.png" for i, label in enumerate(labels)]
+    items = InMemoryImages.items(names, images, labels, f"photos-rgb{size}x{size}\x00".encode())
+    return Dataset(name="photos", kind="builtin", classes=list(PHOTO_CLASSES), items=items,
+                   reader=InMemoryImages(names, images))
 
 
-def _source_photo(package: str, filename: str) -> np.ndarray:
+def source_photo(package: str, filename: str) -> np.ndarray:
     if package == "sklearn":
         from sklearn.datasets import load_sample_image
 
@@ -95,3 +122,6 @@ def _source_photo(package: str, filename: str) -> np.ndarray:
         )
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB"))
+
+
+BUILTIN_DATASETS = {"digits": load_digits, "photos": load_photos}

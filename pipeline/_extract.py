@@ -1,0 +1,361 @@
+"""The GPU stage: run a frozen network once and cache pooled activations from several depths.
+
+:func:`extract` is what ``tlp extract`` calls. Its steps, each cheap until the last:
+
+1. resolve the model (weights file and sha256, preprocessing) without building it;
+2. scan the data (sha256 of every file, header check of every image);
+3. compute the cache key from everything that changes the numbers; a finished file
+   with that key is a hit and nothing else runs;
+4. find rows that other finished files or committed shards already hold (same
+   per-layer fingerprint, same image digest): adding images extracts only the new ones,
+   and a killed run resumes where it stopped;
+5. run the forward pass over the rest, committing a shard at least every 256 images;
+6. assemble the finished file atomically and drop the shards it absorbed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .cache import CacheDir, RowSource, ShardWriter, gather_rows
+from .data import as_dataset
+from .dataset import Dataset, Item
+from .device import default_workers, resolve_device, resolve_precision
+from .errors import TlpInputError
+from .featurefile import SCHEMA_VERSION, FeatureFile, LayerMeta, write_feature_file
+from .files import fingerprint, library_versions, now_iso
+from .forward import Forward, ItemBytes, PreparedImages, batches
+from .images import DECODER_ID
+from .layers import Tap, resolve_taps, stride_of
+from .models import ModelSpec, resolve_model
+from .pooling import pooled_dim, pooling_for_taps
+from .preprocess import RESIZE_METHOD
+from .settings import ExtractSettings, key_entries, with_overrides
+
+__all__ = ["ExtractSettings", "ExtractResult", "extract"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ExtractResult:
+    """What one extraction did; ``to_report()`` gives the ``--report`` JSON."""
+
+    path: Path  # the finished HDF5 file
+    key: str
+    model: str
+    precision: str
+    n_images: int  # rows in the cache file
+    n_extracted: int  # forward passes (images) this run
+    n_reused: int  # rows taken from earlier work
+    skipped: list[dict]  # files left out: {path, reason}
+    layers: dict[str, dict]  # name -> {node, dim, pooling, pre_pool_shape, dtype, bytes_per_image}
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        """Forward passes per second of wall time (0 when nothing was extracted)."""
+        return self.n_extracted / self.seconds if self.n_extracted and self.seconds > 0 else 0.0
+
+    def to_report(self) -> dict:
+        return {
+            "path": str(self.path),
+            "key": self.key,
+            "model": self.model,
+            "precision": self.precision,
+            "n_images": self.n_images,
+            "n_extracted": self.n_extracted,
+            "n_reused": self.n_reused,
+            "n_skipped": len(self.skipped),
+            "skipped": self.skipped,
+            "layers": self.layers,
+            "seconds": round(self.seconds, 4),
+            "images_per_second": round(self.images_per_second, 2),
+            "timings": {k: round(v, 4) for k, v in self.timings.items()},
+        }
+
+
+# ----------------------------------------------------------------------------- identity
+def _versions(spec: ModelSpec) -> dict:
+    names = ("torch", "torchvision", "pillow") + (("timm",) if spec.source in ("timm", "embedded") else ())
+    return library_versions(*names)
+
+
+def _extractor_identity(settings: ExtractSettings, spec: ModelSpec, precision: str, device: torch.device,
+                        layers: list) -> tuple[dict, list]:
+    """(everything except the data and the taps that decides the numbers, the taps).
+
+    The settings' key fields give their entries (see :func:`tlp.settings.key_entries`),
+    resolved: the model's identity, the precision and device type that will run, the
+    resolved taps; the rest names the code that makes the pixels and the libraries.
+    """
+    entries = key_entries(settings, {"model": spec.identity(), "precision": precision, "device": device.type,
+                                     "layers": layers})
+    taps = entries.pop("layers")
+    identity = {"schema_version": SCHEMA_VERSION, "decoder": DECODER_ID, "resize_method": RESIZE_METHOD,
+                "memory_format": "channels_last", "versions": _versions(spec), **entries}
+    return identity, taps
+
+
+def _layer_fingerprint(extractor_fp: str, tap: Tap, pooling: str) -> str:
+    return fingerprint({"extractor": extractor_fp, "node": tap.node, "pool": pooling})
+
+
+@dataclass
+class _Plan:
+    """What one extraction computes: the key and where each layer's rows are filed."""
+
+    spec: ModelSpec
+    device: torch.device
+    precision: str
+    taps: list[Tap]
+    pools: dict[str, str]
+    key_spec: dict
+    key: str
+    layer_fps: dict[str, str]  # tap name -> layer fingerprint
+    run_fp: str  # the shard folder of this (extractor, layer set)
+
+
+def _plan(settings: ExtractSettings, dataset) -> tuple[_Plan, Dataset]:
+    """Resolve the model and taps (cheap: the network is not built), then scan the data if
+    it is not a Dataset yet, then derive the key: a bad model name fails before a long scan."""
+    spec = resolve_model(settings.model, weights=settings.weights, image_size=settings.image_size,
+                         download=settings.download)
+    device = resolve_device(settings.device)
+    precision = resolve_precision(settings.precision, device)
+    taps = resolve_taps(spec, settings.layers, memo_dir=Path(settings.cache_dir))
+    pools = pooling_for_taps(settings.pool, [tap.name for tap in taps])
+    dataset = as_dataset(dataset, on_error=settings.on_error, max_pixels=settings.max_pixels)
+    extractor, layer_entries = _extractor_identity(settings, spec, precision, device,
+                                                   [[tap.name, tap.node, pools[tap.name]] for tap in taps])
+    extractor_fp = fingerprint(extractor)
+    layer_fps = {tap.name: _layer_fingerprint(extractor_fp, tap, pools[tap.name]) for tap in taps}
+    key_spec = {"extractor": extractor, "layers": layer_entries, "data": dataset.identity(),
+                "skipped_before_extraction": [s.to_dict() for s in dataset.skipped]}
+    plan = _Plan(spec, device, precision, taps, pools, key_spec, fingerprint(key_spec), layer_fps,
+                 fingerprint({"extractor": extractor_fp, "layers": sorted(layer_fps.values())}))
+    return plan, dataset
+
+
+# ----------------------------------------------------------------------------- public entry
+def extract(data, settings: ExtractSettings | None = None, **overrides) -> ExtractResult:
+    """Extract (or reuse) pooled multi-depth features of a data set into the cache.
+
+    Parameters
+    ----------
+    data : Dataset, str or path
+        A scanned :class:`~tlp.dataset.Dataset`, a folder (ImageFolder layout), a CSV
+        manifest, or a built-in name (``"digits"``).
+    settings : ExtractSettings, optional
+        All options; keyword ``overrides`` replace single fields (``image_size=96``).
+
+    Returns
+    -------
+    ExtractResult
+        Where the features are and what this run did.
+    """
+    settings = with_overrides(settings or ExtractSettings(), overrides, "extract()").validated()
+    started = time.perf_counter()
+    plan, dataset = _plan(settings, data)
+    timings = {"plan_seconds": time.perf_counter() - started}  # model, taps, scan and key
+    cache = CacheDir(settings.cache_dir)
+    final = cache.file_for(plan.key)
+
+    hit = _try_cache_hit(final, plan.key)
+    if hit is not None:
+        return _result_from_file(hit, plan, 0, started, timings)
+
+    mark = time.perf_counter()
+    rows, todo, shard_skips = _assign_rows(dataset.items, cache.donors(plan.layer_fps.values(), plan.run_fp))
+    timings["reuse_seconds"] = time.perf_counter() - mark
+    n_reused = len(rows)
+
+    new_metas: dict[str, LayerMeta] = {}
+    if todo:
+        mark = time.perf_counter()
+        new_metas = _run_forward(plan, dataset, todo, settings, cache.partial_dir(plan.run_fp))
+        timings["forward_seconds"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    for attempt in range(3):
+        # Another process extracting the same data may finish first and delete the shards
+        # it absorbed; then its finished file is a hit or a donor, so plan again.
+        hit = _try_cache_hit(final, plan.key)
+        if hit is not None:
+            return _result_from_file(hit, plan, len(todo), started, timings, n_reused=n_reused)
+        sources = cache.donors(plan.layer_fps.values(), plan.run_fp)
+        rows, remaining, shard_skips = _assign_rows(dataset.items, sources)
+        skipped = [s.to_dict() for s in dataset.skipped] + [
+            {"path": item.path, "reason": shard_skips[item.digest]} for item in dataset.items if item.digest in shard_skips
+        ]
+        try:
+            if remaining:
+                raise FileNotFoundError(f"{len(remaining)} images lost their rows")
+            metas = _layer_metas(plan, new_metas, sources)
+            _assemble(final, plan, dataset, rows, metas, skipped, settings)
+            break
+        except (FileNotFoundError, KeyError, OSError) as error:
+            if attempt == 2:
+                raise RuntimeError(f"could not assemble {final.name}: {error}") from error
+            logger.info("rows moved while assembling (%s); planning again", error)
+    timings["assemble_seconds"] = time.perf_counter() - mark
+    features = FeatureFile(final)
+    cache.drop_absorbed(plan.run_fp, set(features.digests))
+    n_extracted = sum(item.digest not in shard_skips for item in todo)
+    return _result_from_file(features, plan, n_extracted, started, timings, n_reused=n_reused)
+
+
+# ----------------------------------------------------------------------------- cache hit
+def _try_cache_hit(final: Path, key: str) -> FeatureFile | None:
+    if not final.exists():
+        return None
+    try:
+        features = FeatureFile(final)
+    except TlpInputError:
+        logger.warning("cache file %s is unreadable; extracting again", final.name)
+        final.unlink(missing_ok=True)
+        return None
+    if features.key != key:
+        features.close()
+        logger.warning("cache file %s holds key %s; extracting again", final.name, features.key[:12])
+        final.unlink(missing_ok=True)
+        return None
+    return features
+
+
+def _result_from_file(features: FeatureFile, plan: _Plan, n_extracted, started, timings,
+                      n_reused=None) -> ExtractResult:
+    with features:
+        layers = {}
+        for name in features.layers:
+            meta = features.layer_meta(name)
+            dtype = features.stored_dtype(name)
+            dims = features.dim(name)
+            layers[name] = {
+                "node": meta.node, "dim": int(dims), "pooling": meta.pooling,
+                "pre_pool_shape": list(meta.pre_pool_shape), "stride": meta.stride, "dtype": str(dtype),
+                "bytes_per_image": int(dims * dtype.itemsize),
+            }
+        n_images = features.n_rows()
+        return ExtractResult(
+            path=features.path, key=plan.key, model=plan.spec.name, precision=plan.precision, n_images=n_images,
+            n_extracted=n_extracted, n_reused=n_images - n_extracted if n_reused is None else n_reused,
+            skipped=features.skipped, layers=layers, seconds=time.perf_counter() - started, timings=timings,
+        )
+
+
+# ----------------------------------------------------------------------------- planning
+def _assign_rows(items: list[Item], sources: list[RowSource]):
+    """For each item, the first source holding its rows; items with none are to do.
+
+    Returns (rows, todo, skipped): rows lists (source, row) for items with rows, in item
+    order; skipped maps digests that a shard recorded as undecodable to the reason.
+    """
+    rows, todo, skipped = [], [], {}
+    for item in items:
+        for source in sources:
+            if item.digest in source.rows:
+                rows.append((source, source.rows[item.digest]))
+                break
+            if item.digest in source.skipped:
+                skipped[item.digest] = source.skipped[item.digest]
+                break
+        else:
+            todo.append(item)
+    return rows, todo, skipped
+
+
+def _layer_metas(plan: _Plan, new_metas, sources) -> dict[str, LayerMeta]:
+    metas = {}
+    for tap in plan.taps:
+        fp = plan.layer_fps[tap.name]
+        found = new_metas.get(fp) or next((s.metas[fp] for s in sources if fp in s.metas), None)
+        if found is None:
+            raise TlpInputError("no image could be decoded, so no features exist; check the skipped files")
+        metas[tap.name] = dataclasses.replace(found, name=tap.name, node=tap.node)
+    return metas
+
+
+# ----------------------------------------------------------------------------- forward pass
+def _run_forward(plan: _Plan, dataset: Dataset, todo: list[Item], settings: ExtractSettings,
+                 shard_dir: Path) -> dict[str, LayerMeta]:
+    """Forward passes over ``todo``; commits shards; returns layer metadata by fingerprint."""
+    from tqdm.auto import tqdm
+
+    forward = Forward.for_taps(plan.spec, plan.taps, plan.pools, device=plan.device, precision=plan.precision)
+    prepare = PreparedImages(ItemBytes(dataset, todo), plan.spec.preprocessing, settings.max_pixels)
+    writer = ShardWriter(shard_dir, plan.layer_fps.values(), settings.commit_every, settings.batch_size)
+    bar = tqdm(total=len(todo), unit="img", desc=f"extract {plan.spec.name}", disable=not settings.progress,
+               file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 5.0, smoothing=0.05)
+    try:
+        with bar:
+            for batch in batches(prepare, len(todo), batch_size=settings.batch_size,
+                                 workers=default_workers(settings.workers, plan.device),
+                                 pin_memory=plan.device.type == "cuda"):
+                if batch.failures and settings.on_error == "fail":
+                    writer.commit()  # keep what is done; the user fixes the file and reruns
+                    raise batch.failures[0][1]
+                for _, error in batch.failures:
+                    logger.warning("skipping %s: %s", error.path, error.reason)
+                pooled = {}
+                if batch.pixels is not None:
+                    outputs = forward(batch.pixels)
+                    for tap in plan.taps:
+                        fp = plan.layer_fps[tap.name]
+                        writer.metas.setdefault(fp, _meta(tap, fp, forward.tap_shapes[tap.name], plan.pools[tap.name],
+                                                          plan.spec.preprocessing.crop_size))
+                        pooled[fp] = outputs[tap.name]
+                writer.add([todo[p].digest for p in batch.good], pooled,
+                           [(todo[p].digest, error.reason) for p, error in batch.failures])
+                bar.update(len(batch.positions))
+            writer.commit()
+    except BaseException:
+        # Commit finished batches even on Ctrl-C, so the rerun resumes from here.
+        writer.commit()
+        raise
+    return writer.metas
+
+
+def _meta(tap: Tap, fp: str, shape: tuple[int, ...], pooling: str, crop: int) -> LayerMeta:
+    is_map = len(shape) == 3
+    return LayerMeta(name=tap.name, node=tap.node, pooling=pooling if is_map else "none", pre_pool_shape=shape,
+                     channels=shape[0], stride=stride_of(crop, shape[-1]) if is_map else None, layer_fingerprint=fp)
+
+
+# ----------------------------------------------------------------------------- assembly
+def _assemble(final: Path, plan: _Plan, dataset: Dataset, rows, metas, skipped, settings: ExtractSettings) -> None:
+    skipped_paths = {s["path"] for s in skipped}
+    kept = [item for item in dataset.items if item.path not in skipped_paths]
+    if len(kept) != len(rows):
+        raise RuntimeError(f"internal error: {len(kept)} kept images but {len(rows)} planned rows")
+    from tqdm.auto import tqdm
+
+    layers = []
+    # Reading rows back from their shards and files takes a while only for large caches.
+    for tap in tqdm(plan.taps, desc="assemble", unit="layer", file=sys.stderr,
+                    disable=not settings.progress or len(rows) < 50_000):
+        meta = metas[tap.name]
+        layers.append((meta, gather_rows(rows, plan.layer_fps[tap.name], pooled_dim(meta.pre_pool_shape, meta.pooling))))
+    spec = plan.spec
+    root_attrs = {
+        "schema_version": SCHEMA_VERSION, "key": plan.key, "model": spec.name, "arch": spec.arch,
+        "weights_id": spec.weights_id, "weights_sha256": spec.weights_sha256,
+        "preprocessing": spec.preprocessing.to_dict(), "precision": plan.precision, "storage_dtype": settings.dtype,
+        "versions": plan.key_spec["extractor"]["versions"], "data_name": dataset.name, "data_kind": dataset.kind,
+        "data_root": str(dataset.root) if dataset.root is not None else "", "created": now_iso(),
+        "fingerprint_spec": {k: v for k, v in plan.key_spec.items() if k != "skipped_before_extraction"},
+    }
+    write_feature_file(
+        final, root_attrs=root_attrs, classes=dataset.classes, paths=[item.path for item in kept],
+        labels=np.asarray([item.label for item in kept], dtype=np.int64), digests=[item.digest for item in kept],
+        skipped=skipped, layers=layers, dtype_policy=settings.dtype,
+    )

@@ -1,0 +1,165 @@
+"""Prediction: image files -> the same forward path -> a saved head, or the network's own labels.
+
+A saved head (``tlp sweep --out``) gets exactly the features it was trained on: the same
+weights (checked by sha256), decoding, preprocessing, tap, pooling and precision, the
+features rounded to the stored dtype. A fine-tuned network (``tlp finetune --out``)
+gives its own class scores on extraction's crops. ``predict_imagenet`` is the
+zero-training approach: the pretrained classifier's ImageNet labels.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .device import resolve_device, resolve_precision
+from .errors import ImageDecodeError, TlpInputError
+from .forward import FileBytes, Forward, PreparedImages
+from .layers import Tap
+from .models import imagenet_categories, resolve_model
+from .saved import SavedFinetuned, load_model
+from .scan import image_files
+from .settings import DEFAULT_MODEL
+
+__all__ = ["Predictions", "predict", "predict_imagenet", "image_paths"]
+
+
+@dataclass
+class Predictions:
+    """Top-k labels per image: ``rows`` of ``{"path", "labels", "probabilities"}``, most
+    probable first, and the files left out under ``on_error="skip"``."""
+
+    rows: list[dict]
+    skipped: list[dict]
+    top_k: int
+
+    def header(self) -> list[str]:
+        return ["path", "label", "probability"] + [f"{name}_{i}" for i in range(2, self.top_k + 1)
+                                                   for name in ("label", "probability")]
+
+    def table(self) -> list[list]:
+        """One list per image: path, then (label, probability) for each of the top k."""
+        return [[row["path"]] + [v for pair in zip(row["labels"], row["probabilities"]) for v in pair]
+                for row in self.rows]
+
+    def to_csv(self, path: str | os.PathLike | None = None) -> str:
+        """The CSV text (``path,label,probability[,label_2,probability_2,...]``); with
+        ``path``, also written there."""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(self.header())
+        writer.writerows([[value if not isinstance(value, float) else f"{value:.6g}" for value in row]
+                          for row in self.table()])
+        text = buffer.getvalue()
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text, encoding="utf-8")
+        return text
+
+
+def image_paths(inputs) -> list[str]:
+    """Image files named by ``inputs``: files as given, folders expanded to the image files
+    under them (recursively, sorted; hidden files left out). A path that does not exist is
+    kept, so that prediction reports it ("cannot read")."""
+    paths = []
+    for entry in [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs:
+        entry = Path(entry)
+        paths += [str(p) for p in image_files(entry)] if entry.is_dir() else [str(entry)]
+    return paths
+
+
+def _top_k_rows(paths: list[str], probabilities: np.ndarray, names, top_k: int) -> list[dict]:
+    rows = []
+    for path, row in zip(paths, probabilities):
+        order = np.argsort(-row, kind="stable")[:top_k]
+        rows.append({"path": path, "labels": [names[i] for i in order], "probabilities": [float(row[i]) for i in order]})
+    return rows
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    scores = scores.astype(np.float64) - scores.max(axis=1, keepdims=True)
+    exp = np.exp(scores)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def _probabilities(estimator, X: np.ndarray) -> np.ndarray:
+    """``predict_proba`` where the head has it; else a softmax of decision values (SVMs)."""
+    if hasattr(estimator, "predict_proba"):
+        try:
+            return estimator.predict_proba(X)
+        except AttributeError:
+            pass
+    scores = estimator.decision_function(X)
+    if scores.ndim == 1:  # binary: one margin
+        scores = np.stack([-scores, scores], axis=1)
+    return _softmax(scores)
+
+
+def _run(forward: Forward, paths: list[str], prep, batch_size: int, on_error: str):
+    """(kept paths, outputs, skipped) of every file through ``forward``."""
+    skipped: list[dict] = []
+
+    def failed(failures: list[tuple[int, ImageDecodeError]]) -> None:
+        if on_error == "fail":
+            raise failures[0][1]
+        skipped.extend({"path": error.path, "reason": error.reason} for _, error in failures)
+
+    kept, outputs = forward.rows(PreparedImages(FileBytes(paths), prep), len(paths), batch_size=batch_size,
+                                 on_failure=failed)
+    return [paths[i] for i in kept], outputs, skipped
+
+
+def predict(model_dir: str | os.PathLike, images, *, top_k: int = 1, batch_size: int = 32, device: str = "auto",
+            on_error: str = "fail") -> Predictions:
+    """Labels of a saved model (a ``tlp sweep --out`` or ``tlp finetune --out`` folder) for
+    image files or folders of them."""
+    if on_error not in ("fail", "skip"):
+        raise TlpInputError(f"--on-error must be fail or skip, got {on_error!r}")
+    saved = load_model(model_dir)
+    paths = image_paths(images)
+    spec = saved.spec
+    model_spec = resolve_model(spec["model"], weights=spec.get("weights"), image_size=spec.get("image_size"))
+    torch_device = resolve_device(device)
+    if isinstance(saved, SavedFinetuned):
+        from .finetuning.surgery import build_finetune_model
+
+        network = build_finetune_model(model_spec, len(saved.classes), from_scratch=bool(spec.get("from_scratch")))
+        network.load_state_dict(saved.state_dict)
+        forward = Forward(network, model_spec.preprocessing, device=torch_device, precision=spec["precision"])
+        kept, logits, skipped = _run(forward, paths, model_spec.preprocessing, batch_size, on_error)
+        probabilities = _softmax(logits) if kept else np.zeros((0, len(saved.classes)))
+        return Predictions(_top_k_rows(kept, probabilities, saved.classes, top_k), skipped, top_k)
+    if model_spec.weights_sha256 != spec["weights_sha256"]:
+        raise TlpInputError(
+            f"the weights of {spec['model']} differ from those the head in {saved.directory} was trained on "
+            "(sha256 mismatch); use the same weights file or re-run the sweep"
+        )
+    tap = Tap(name=spec["layer"], node=spec["node"])
+    pooling = spec["pooling"] if spec["pooling"] != "none" else "avg"
+    forward = Forward.for_taps(model_spec, [tap], {tap.name: pooling}, device=torch_device, precision=spec["precision"])
+    kept, features, skipped = _run(forward, paths, model_spec.preprocessing, batch_size, on_error)
+    if not kept:
+        return Predictions([], skipped, top_k)
+    X = features[tap.name].astype(spec.get("storage_dtype", "float32")).astype(np.float32)
+    model_classes = [saved.classes[int(c)] for c in saved.estimator.classes_]
+    return Predictions(_top_k_rows(kept, _probabilities(saved.estimator, X), model_classes, top_k), skipped, top_k)
+
+
+def predict_imagenet(images, *, model: str = DEFAULT_MODEL, weights=None, top_k: int = 5, batch_size: int = 32,
+                     precision: str = "auto", device: str = "auto", on_error: str = "fail") -> Predictions:
+    """The pretrained network's own ImageNet labels for image files (the zero-training approach)."""
+    model_spec = resolve_model(model, weights=weights)
+    if not model_spec.categories:
+        raise TlpInputError(f"model {model!r} has no ImageNet class names; use a model with ImageNet weights")
+    torch_device = resolve_device(device)
+    forward = Forward(model_spec.build(), model_spec.preprocessing, device=torch_device,
+                      precision=resolve_precision(precision, torch_device))
+    kept, logits, skipped = _run(forward, image_paths(images), model_spec.preprocessing, batch_size, on_error)
+    probabilities = _softmax(logits) if kept else np.zeros((0, 1000))
+    categories = imagenet_categories() if len(model_spec.categories) == 1000 else model_spec.categories
+    return Predictions(_top_k_rows(kept, probabilities, categories, top_k), skipped, top_k)

@@ -1,0 +1,261 @@
+"""The finished cache file: one self-describing HDF5 file per key, readable with plain h5py.
+
+File contract (see DESIGN.md, "Cache contract")::
+
+    /index/paths     (N,) str      relative image paths
+    /index/labels    (N,) int64    class indices; class names in the attribute "classes"
+    /index/digests   (N,) str      sha256 of each image's bytes (for reuse across data sets)
+    /index/skipped_paths, /index/skipped_reasons   files left out under --on-error skip
+    /features/<layer> (N, D) float16|float32, chunked by rows; attributes: node, pooling,
+                      pre_pool_shape, channels, stride, layer_fingerprint, sha256
+    root attributes:  schema_version, key, model, weights_id, weights_sha256,
+                      preprocessing (JSON), precision, versions (JSON), created, data_root, ...
+
+A finished file is never modified; it is written in one go by :func:`write_feature_file`
+(atomically, see :mod:`tlp.files`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .errors import TlpInputError
+from .files import array_sha256, atomic_h5, canonical_json
+
+__all__ = ["SCHEMA_VERSION", "LayerMeta", "FeatureFile", "write_feature_file", "storage_dtype", "read_strings",
+           "STRING_DTYPE"]
+
+SCHEMA_VERSION = 1
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+STRING_DTYPE = h5py.string_dtype("utf-8")
+_CHUNK_BYTES = 1 << 20  # ~1 MiB row chunks: whole-row reads, no re-decompression
+JSON_ATTRIBUTES = ("preprocessing", "versions", "fingerprint_spec")
+
+
+@dataclass(frozen=True)
+class LayerMeta:
+    """How one stored layer was made."""
+
+    name: str  # dataset name under /features ("early", or a node name)
+    node: str  # graph node that was tapped
+    pooling: str  # avg, max, avgmax, gridK; "none" for vector taps
+    pre_pool_shape: tuple[int, ...]  # tap output shape for one image, before pooling
+    channels: int
+    stride: int | None
+    layer_fingerprint: str  # identifies model + preprocessing + precision + node + pooling
+
+    def attrs(self) -> dict:
+        return {
+            "node": self.node,
+            "pooling": self.pooling,
+            "pre_pool_shape": np.asarray(self.pre_pool_shape, dtype=np.int64),
+            "channels": int(self.channels),
+            "stride": -1 if self.stride is None else int(self.stride),
+            "layer_fingerprint": self.layer_fingerprint,
+        }
+
+    @classmethod
+    def from_dataset(cls, name: str, dataset: h5py.Dataset) -> "LayerMeta":
+        stride = int(dataset.attrs["stride"])
+        return cls(
+            name=name,
+            node=str(dataset.attrs["node"]),
+            pooling=str(dataset.attrs["pooling"]),
+            pre_pool_shape=tuple(int(v) for v in dataset.attrs["pre_pool_shape"]),
+            channels=int(dataset.attrs["channels"]),
+            stride=None if stride < 0 else stride,
+            layer_fingerprint=str(dataset.attrs["layer_fingerprint"]),
+        )
+
+
+def read_strings(dataset: h5py.Dataset) -> list[str]:
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in dataset[()]]
+
+
+class FeatureFile:
+    """Read access to one finished cache file.
+
+    Use as a context manager, or call :meth:`close`. Arrays are loaded on demand.
+
+    Examples
+    --------
+    >>> with FeatureFile(result.path) as features:          # doctest: +SKIP
+    ...     X = features.load("late")                      # (N, D) float32
+    ...     y = features.labels                            # (N,) int64
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self._file = h5py.File(self.path, "r")
+        except (OSError, ValueError) as error:
+            raise TlpInputError(
+                f"cache file {str(self.path)!r} cannot be opened ({error}); delete it with "
+                "`tlp cache rm KEY` and extract again"
+            ) from None
+
+    def __enter__(self) -> "FeatureFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    @property
+    def attrs(self) -> dict:
+        """Root attributes, with JSON-valued ones decoded."""
+        out = {}
+        for name, value in self._file.attrs.items():
+            if isinstance(value, bytes):
+                value = value.decode()
+            if name in JSON_ATTRIBUTES and isinstance(value, str):
+                value = json.loads(value)
+            elif isinstance(value, np.generic):
+                value = value.item()
+            out[name] = value
+        return out
+
+    @property
+    def key(self) -> str:
+        return str(self._file.attrs["key"])
+
+    @property
+    def classes(self) -> list[str]:
+        return [str(c) for c in self._file["index"].attrs["classes"]]
+
+    @property
+    def paths(self) -> list[str]:
+        return read_strings(self._file["index/paths"])
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._file["index/labels"][()]
+
+    @property
+    def digests(self) -> list[str]:
+        return read_strings(self._file["index/digests"])
+
+    @property
+    def skipped(self) -> list[dict]:
+        index = self._file["index"]
+        if "skipped_paths" not in index:
+            return []
+        return [
+            {"path": p, "reason": r}
+            for p, r in zip(read_strings(index["skipped_paths"]), read_strings(index["skipped_reasons"]))
+        ]
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self._file["features"].attrs.get("order", list(self._file["features"].keys())))
+
+    def layer_meta(self, name: str) -> LayerMeta:
+        return LayerMeta.from_dataset(name, self._dataset(name))
+
+    def _dataset(self, name: str) -> h5py.Dataset:
+        if name not in self._file["features"]:
+            raise TlpInputError(
+                f"layer {name!r} is not in cache file {self.path.name}; it holds {', '.join(self.layers)}"
+            )
+        return self._file["features"][name]
+
+    def load(self, name: str, dtype=np.float32) -> np.ndarray:
+        """The (N, D) features of one layer, upcast to ``dtype`` (float32 by default)."""
+        return self._dataset(name)[()].astype(dtype, copy=False)
+
+    def dim(self, name: str) -> int:
+        """Length D of one layer's feature vectors."""
+        return int(self._dataset(name).shape[1])
+
+    def stored_dtype(self, name: str) -> np.dtype:
+        return self._dataset(name).dtype
+
+    def n_rows(self) -> int:
+        return int(self._file["index/labels"].shape[0])
+
+    def verify(self) -> list[str]:
+        """Problems found by re-hashing every layer and checking the index; empty if sound."""
+        problems = []
+        expected_key = self.path.stem
+        if self.key != expected_key:
+            problems.append(f"key attribute {self.key[:12]} does not match file name {expected_key[:12]}")
+        n = self.n_rows()
+        for name in ("paths", "digests"):
+            if self._file["index"][name].shape[0] != n:
+                problems.append(f"/index/{name} has {self._file['index'][name].shape[0]} rows, labels {n}")
+        for name in self.layers:
+            dataset = self._dataset(name)
+            if dataset.shape[0] != n:
+                problems.append(f"layer {name} has {dataset.shape[0]} rows, index {n}")
+            if array_sha256(dataset[()]) != dataset.attrs.get("sha256"):
+                problems.append(f"layer {name}: stored values do not match their sha256")
+        return problems
+
+
+# ----------------------------------------------------------------------------- writing
+def _row_chunks(n_rows: int, row_bytes: int) -> tuple[int, int]:
+    return max(1, min(n_rows, _CHUNK_BYTES // max(1, row_bytes)))
+
+
+def storage_dtype(values: np.ndarray, policy: str) -> np.dtype:
+    """float16 unless the policy says float32 or a finite value would overflow float16."""
+    if policy == "float32":
+        return np.dtype(np.float32)
+    finite = values[np.isfinite(values)]
+    if finite.size and float(np.abs(finite).max()) > FLOAT16_MAX:
+        return np.dtype(np.float32)
+    return np.dtype(np.float16)
+
+
+def write_feature_file(
+    final: Path,
+    *,
+    root_attrs: dict,
+    classes: list[str],
+    paths: list[str],
+    labels: np.ndarray,
+    digests: list[str],
+    skipped: list[dict],
+    layers: list[tuple[LayerMeta, np.ndarray]],
+    dtype_policy: str,
+) -> dict[str, np.dtype]:
+    """Write a finished cache file atomically; returns the stored dtype of each layer."""
+    n = len(paths)
+    dtypes = {}
+    with atomic_h5(final) as handle:
+        for name, value in root_attrs.items():
+            handle.attrs[name] = canonical_json(value) if isinstance(value, (dict, list)) else value
+        index = handle.create_group("index")
+        index.attrs["classes"] = np.asarray(classes, dtype=object).astype(STRING_DTYPE) if classes else np.asarray([], dtype=STRING_DTYPE)
+        index.create_dataset("paths", data=np.asarray(paths, dtype=object), dtype=STRING_DTYPE)
+        index.create_dataset("labels", data=np.asarray(labels, dtype=np.int64))
+        index.create_dataset("digests", data=np.asarray(digests, dtype=object), dtype=STRING_DTYPE)
+        index.create_dataset("skipped_paths", data=np.asarray([s["path"] for s in skipped], dtype=object), dtype=STRING_DTYPE)
+        index.create_dataset("skipped_reasons", data=np.asarray([s["reason"] for s in skipped], dtype=object), dtype=STRING_DTYPE)
+        features = handle.create_group("features")
+        features.attrs["order"] = np.asarray([meta.name for meta, _ in layers], dtype=object).astype(STRING_DTYPE)
+        for meta, values in layers:
+            dtype = storage_dtype(values, dtype_policy)
+            stored = values.astype(dtype, copy=False)
+            dims = stored.shape[1]
+            dataset = features.create_dataset(
+                meta.name,
+                data=stored,
+                chunks=(_row_chunks(n, dims * dtype.itemsize), max(1, dims)) if n else None,
+            )
+            for key, value in meta.attrs().items():
+                dataset.attrs[key] = value
+            dataset.attrs["sha256"] = array_sha256(stored)
+            dataset.attrs["bytes_per_image"] = int(dims * dtype.itemsize)
+            dtypes[meta.name] = dtype
+    return dtypes
+
+

@@ -1,0 +1,258 @@
+"""The training loop: AdamW with a smaller rate for pretrained layers, warm-up + cosine,
+label smoothing, evaluation through the one forward path, checkpoints after every epoch.
+
+:func:`train` is the training code proper: it gets the data parts and a decided recipe
+(the case is the caller's business: ``tlp.finetune``, ``tlp run`` or the command line)
+and returns a :class:`FinetuneResult`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..dataset import Dataset
+from ..device import autocast, default_workers, resolve_device, resolve_precision
+from ..errors import TlpInputError
+from ..files import fingerprint
+from ..forward import Forward, batches
+from ..models import resolve_model
+from ..preprocess import normalize
+from ..settings import FinetuneSettings, key_entries
+from .augment import DecodedImages, training_batches
+from .state import CHECKPOINT_DIR, TrainingState, resume, save_checkpoint
+from .surgery import Network, prepare_network
+
+__all__ = ["Parts", "Recipe", "FinetuneResult", "train", "training_precision"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Parts:
+    """The data of one run: the training part, its train/validation positions, the test part."""
+
+    dataset: Dataset  # the training part; ``train`` and ``val`` index its items
+    train: list[int]
+    val: list[int]
+    test: Dataset | None = None  # scored once with the best weights, never used for a choice
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What the caller decided: the case (None when ``--freeze`` overrides it) and the freeze."""
+
+    case: int | None
+    freeze: float | str
+
+
+@dataclass
+class FinetuneResult:
+    model: str
+    case: int | None
+    classes: list[str]
+    n_train: int
+    n_val: int
+    n_test: int
+    recipe: dict  # freeze, frozen layer count, from_scratch, learning rates, ...
+    history: list[dict]
+    best_epoch: int
+    val_accuracy: float | None
+    test_accuracy: float | None
+    resumed_from_epoch: int | None
+    timings: dict[str, float] = field(default_factory=dict)
+    out: Path | None = None
+    network: nn.Module | None = field(default=None, repr=False)  # the best weights, in eval mode
+
+    def to_report(self) -> dict:
+        params = {k: self.recipe[k] for k in ("freeze", "from_scratch", "lr", "backbone_lr_mult", "epochs")}
+        row = {"layer": "all" if not self.recipe["n_frozen_layers"] else f"after {self.recipe['freeze']}",
+               "head": "finetune", "params": params, "cv_accuracy": self.val_accuracy,
+               "test_accuracy": self.test_accuracy, "fit_seconds": round(self.timings.get("train_seconds", 0.0), 3)}
+        return {
+            "case": self.case, "model": self.model, "n_train": self.n_train, "n_val": self.n_val,
+            "n_test": self.n_test, "best": {**row, "epoch": self.best_epoch}, "results": [row],
+            "recipe": self.recipe, "history": self.history, "resumed_from_epoch": self.resumed_from_epoch,
+            "timings": {k: round(v, 4) for k, v in self.timings.items()}, "classes": self.classes,
+        }
+
+
+def training_precision(name: str, device: torch.device) -> str:
+    """``auto`` is fp32 on a CPU even where inference runs bf16: measured here (2 cores with
+    AMX, efficientnet_lite0 at 128 px, batch 16), a bf16-autocast training step ran at
+    22-30 img/s against 37-46 in fp32 (channels_last), as the backward pass gains nothing
+    and pays for the casts. On CUDA ``auto`` is bf16 or fp16 as for inference."""
+    precision = "fp32" if name == "auto" and device.type == "cpu" else resolve_precision(name, device)
+    if precision == "fp16" and device.type == "cpu":
+        raise TlpInputError("--precision fp16 is not supported for training on a CPU; use bf16 or fp32")
+    return precision
+
+
+def _optimizer(network: Network, settings: FinetuneSettings) -> torch.optim.Optimizer:
+    """AdamW with two groups: the new classifier at ``lr``, trainable pretrained layers
+    at ``lr * backbone_lr_mult`` (from scratch, every layer is new: one rate)."""
+    head, body = [], []
+    for name, parameter in network.model.named_parameters():
+        if parameter.requires_grad:
+            (head if name.startswith(network.classifier + ".") else body).append(parameter)
+    mult = 1.0 if settings.from_scratch else settings.backbone_lr_mult
+    groups = [{"params": head, "lr": settings.lr, "name": "classifier"}]
+    if body:
+        groups.append({"params": body, "lr": settings.lr * mult, "name": "backbone"})
+    return torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def _schedule(total_steps: int, warmup_steps: int):
+    """Linear warm-up from 1% to the full rate, then cosine decay to zero, per step."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return 0.01 + 0.99 * step / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+@dataclass
+class _Run:
+    """Everything one epoch needs, in one place."""
+
+    network: Network
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    criterion: nn.Module
+    images: DecodedImages
+    labels: np.ndarray
+    settings: FinetuneSettings
+    device: torch.device
+    precision: str
+    pool: ThreadPoolExecutor
+
+
+def _train_epoch(run: _Run, positions: list[int], epoch: int) -> dict:
+    from tqdm.auto import tqdm
+
+    settings, model = run.settings, run.network.model
+    run.network.train_mode()
+    seen, correct, loss_sum = 0, 0, 0.0
+    started = time.perf_counter()
+    bar = tqdm(total=len(positions), desc=f"epoch {epoch}/{settings.epochs}", unit="img", leave=False,
+               disable=not settings.progress, dynamic_ncols=True)
+    with bar:
+        for pixels, targets in training_batches(run.images, run.labels, positions, settings, epoch, pool=run.pool,
+                                                workers=default_workers(settings.workers, run.device),
+                                                pin_memory=run.device.type == "cuda"):
+            inputs = normalize(pixels.to(run.device), run.images.prep)
+            targets = targets.to(run.device)
+            with autocast(run.device, run.precision):
+                logits = model(inputs)
+            loss = run.criterion(logits.float(), targets)
+            run.optimizer.zero_grad(set_to_none=True)
+            if run.scaler is None:
+                loss.backward()
+                run.optimizer.step()
+            else:  # fp16 on CUDA: scale the loss so small gradients do not underflow
+                run.scaler.scale(loss).backward()
+                run.scaler.step(run.optimizer)
+                run.scaler.update()
+            run.scheduler.step()
+            seen += len(targets)
+            loss_sum += float(loss.detach()) * len(targets)
+            correct += int((logits.argmax(1) == targets).sum())
+            bar.update(len(targets))
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
+                            img_s=f"{seen / (time.perf_counter() - started):.1f}")
+    seconds = time.perf_counter() - started
+    return {"epoch": epoch, "train_loss": round(loss_sum / max(1, seen), 6),
+            "train_accuracy": round(correct / max(1, seen), 6), "seconds": round(seconds, 3),
+            "images_per_second": round(seen / seconds, 2) if seconds else None,
+            "lr": run.scheduler.get_last_lr()[0]}
+
+
+def _accuracy(run: _Run, images: DecodedImages, positions: list[int], labels: np.ndarray) -> float:
+    """Accuracy of the network's top class on extraction's crops of these images."""
+    forward = Forward(run.network.model, images.prep, device=run.device, precision=run.precision)
+    _, scores = forward.rows(lambda i: images.eval_crop(positions[i]), len(positions),
+                             batch_size=run.settings.batch_size)
+    predicted = scores.argmax(1) if scores is not None else np.zeros(0, dtype=np.int64)
+    return round(float((predicted == labels[positions]).mean()), 6)
+
+
+def _log_epoch(row: dict, epochs: int) -> None:
+    val = f", val accuracy {row['val_accuracy']:.4f}" if "val_accuracy" in row else ""
+    logger.info("epoch %d/%d: train loss %.4f, train accuracy %.4f%s, %.1f img/s", row["epoch"], epochs,
+                row["train_loss"], row["train_accuracy"], val, row["images_per_second"] or 0.0)
+
+
+def train(parts: Parts, settings: FinetuneSettings, recipe: Recipe, *, out: Path | None = None) -> FinetuneResult:
+    """Fine-tune on ``parts`` as ``recipe`` says, resuming from ``out/checkpoints`` when it
+    holds this run's checkpoints (``settings.restart`` discards them)."""
+    started = time.perf_counter()
+    device = resolve_device(settings.device)
+    precision = training_precision(settings.precision, device)
+    spec = resolve_model(settings.model, weights=settings.weights, image_size=settings.image_size)
+    dataset = parts.dataset
+    network = prepare_network(spec, len(dataset.classes), freeze=recipe.freeze, from_scratch=settings.from_scratch,
+                              seed=settings.seed)
+    network.model.to(device=device, memory_format=torch.channels_last)
+    optimizer = _optimizer(network, settings)
+    steps_per_epoch = max(1, len(parts.train) // settings.batch_size + (len(parts.train) % settings.batch_size >= 2))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _schedule(steps_per_epoch * settings.epochs, int(round(settings.warmup_epochs * steps_per_epoch))))
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    # What a checkpoint must match: the key fields of the settings, resolved, and the data.
+    entries = key_entries(settings, {"model": spec.identity(), "precision": precision, "device": device.type,
+                                     "freeze": recipe.freeze})
+    run_fp = fingerprint({"settings": entries, "data": dataset.identity(), "train": parts.train, "val": parts.val})
+    checkpoints = out / CHECKPOINT_DIR if out is not None else None
+    state, resumed_from = resume(checkpoints, restart=settings.restart, run_fingerprint=run_fp,
+                                 model=network.model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+    timings = {"setup_seconds": time.perf_counter() - started}
+
+    train_started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        run = _Run(network, optimizer, scheduler, scaler, nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing),
+                   DecodedImages(dataset, spec.preprocessing), dataset.labels, settings, device, precision, pool)
+        while not state.finished and state.epoch < settings.epochs:
+            row = _train_epoch(run, parts.train, state.epoch + 1)
+            if parts.val:
+                row["val_accuracy"] = _accuracy(run, run.images, parts.val, run.labels)
+            state.end_epoch(row, network.model, epochs=settings.epochs,
+                            patience=settings.patience if parts.val else None)
+            _log_epoch(row, settings.epochs)
+            if checkpoints is not None:
+                save_checkpoint(checkpoints, state, run_fingerprint=run_fp, model=network.model, optimizer=optimizer,
+                                scheduler=scheduler, scaler=scaler)
+        timings["train_seconds"] = time.perf_counter() - train_started
+        network.model.load_state_dict(state.best_state)
+        test_accuracy = None
+        if parts.test is not None:
+            mark = time.perf_counter()
+            test_accuracy = _accuracy(run, DecodedImages(parts.test, spec.preprocessing),
+                                      list(range(len(parts.test.items))), parts.test.labels)
+            timings["test_seconds"] = time.perf_counter() - mark
+    timings["total_seconds"] = time.perf_counter() - started
+    recipe_report = {
+        "freeze": recipe.freeze, "n_frozen_layers": len(network.frozen), "n_layers": network.n_layers,
+        "from_scratch": settings.from_scratch, "lr": settings.lr,
+        "backbone_lr_mult": 1.0 if settings.from_scratch else settings.backbone_lr_mult, "epochs": settings.epochs,
+        "batch_size": settings.batch_size, "precision": precision, "classifier": network.classifier,
+        "optimizer": "AdamW", "schedule": "linear warm-up + cosine", "label_smoothing": settings.label_smoothing,
+    }
+    return FinetuneResult(
+        model=spec.name, case=recipe.case, classes=list(dataset.classes), n_train=len(parts.train),
+        n_val=len(parts.val), n_test=len(parts.test.items) if parts.test is not None else 0, recipe=recipe_report,
+        history=state.history, best_epoch=state.best_epoch, val_accuracy=state.best_val if parts.val else None,
+        test_accuracy=test_accuracy, resumed_from_epoch=resumed_from, timings=timings, network=network.model.eval(),
+    )

@@ -1,0 +1,103 @@
+"""``tlp.finetune``: the fine-tuning stage as users call it.
+
+Cases 3 and 4 of the design: a new classifier layer sized to the classes, the rest from
+the pretrained weights, the first part frozen (case 3: 70%; case 4: nothing), pretrained
+layers at a smaller learning rate. This module decides the recipe (an explicit
+``freeze`` wins; ``case="auto"`` asks the planner on the training part), holds out the
+validation split, calls the training loop and writes the outputs.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+from ..data import as_dataset, split, stratified_split
+from ..dataset import Dataset
+from ..saved import save_finetuned
+from ..settings import FinetuneSettings, with_overrides
+from .loop import FinetuneResult, Parts, Recipe, train
+from .surgery import CASE_FREEZE
+
+__all__ = ["finetune", "decide_recipe", "FinetuneResult"]
+
+
+def decide_recipe(settings: FinetuneSettings, training_part: Dataset) -> Recipe:
+    """The case and freeze: an explicit ``--freeze`` wins; else the case's default, where
+    ``auto`` asks the planner whether the training part is similar to the source domain."""
+    case = settings.case
+    if case == "auto" and settings.freeze is None and not settings.from_scratch:
+        from ..plan import measure_similarity
+
+        case = "3" if measure_similarity(training_part, settings)["similar"] else "4"
+    if settings.from_scratch:
+        return Recipe(4 if case == "auto" else int(case), 0.0)
+    if settings.freeze is not None:
+        return Recipe(None if case == "auto" else int(case), settings.freeze)
+    return Recipe(int(case), CASE_FREEZE[case])
+
+
+def _parts(training: Dataset, test: Dataset | None, settings: FinetuneSettings) -> Parts:
+    """The training part's train/validation positions (a stratified, seeded ``val``
+    fraction) with the test part beside them."""
+    positions = list(range(len(training.items)))
+    if settings.val <= 0:
+        return Parts(training, positions, [], test)
+    kept, held = stratified_split(training.labels, settings.val, settings.seed, "val")
+    return Parts(training, kept.tolist(), held.tolist(), test)
+
+
+def finetune(data, settings: FinetuneSettings | None = None, *, test=None, out: str | os.PathLike | None = None,
+             **overrides) -> FinetuneResult:
+    """Fine-tune ``settings.model`` on ``data``.
+
+    Parameters
+    ----------
+    data : Dataset, str or path
+        Training data (a folder, CSV, built-in name or scanned Dataset); a validation
+        split (``settings.val``) is held out of it for early stopping and best-epoch selection.
+    settings : FinetuneSettings, optional
+        All options; keyword ``overrides`` replace single fields (``epochs=3``).
+    test : float, int, Dataset, str or path, optional
+        A fraction or count of ``data`` (stratified, seeded) or a separate data set,
+        scored once with the best weights; never used for any choice.
+    out : path, optional
+        Folder for ``model.pt``, ``model.json`` (which ``tlp predict`` reads),
+        ``history.csv``/``history.png`` and ``checkpoints/``. With ``out``, a rerun of
+        the same command resumes from the newest checkpoint (``restart=True`` discards them).
+    """
+    settings = with_overrides(settings or FinetuneSettings(), overrides, "finetune()").validated()
+    dataset = as_dataset(data, on_error=settings.on_error)
+    training, test_part = split(dataset, test, settings.seed, on_error=settings.on_error)
+    parts = _parts(training, test_part, settings)
+    recipe = decide_recipe(settings, training)
+    out = Path(out) if out is not None else None
+    result = train(parts, settings, recipe, out=out)
+    if out is not None:
+        result.out = out
+        _write_outputs(out, result, settings)
+    return result
+
+
+def _write_outputs(out: Path, result: FinetuneResult, settings: FinetuneSettings) -> None:
+    """model.pt and model.json (see :mod:`tlp.saved`), history.csv and history.png."""
+    from ..models import resolve_model
+    from ..plots import plot_history
+
+    out.mkdir(parents=True, exist_ok=True)
+    spec = resolve_model(settings.model, weights=settings.weights, image_size=settings.image_size)
+    save_finetuned(out, result.network.state_dict(), spec={
+        "model": settings.model, "weights": settings.weights, "weights_id": spec.weights_id,
+        "weights_sha256": spec.weights_sha256, "image_size": settings.image_size,
+        "preprocessing": spec.preprocessing.to_dict(), "precision": result.recipe["precision"],
+        "classes": result.classes, "classifier": result.recipe["classifier"], "from_scratch": settings.from_scratch,
+        "recipe": result.recipe,
+    })
+    with open(out / "history.csv", "w", newline="", encoding="utf-8") as handle:
+        columns = ["epoch", "train_loss", "train_accuracy", "val_accuracy", "seconds", "images_per_second", "lr"]
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for row in result.history:
+            writer.writerow({c: row.get(c) for c in columns})
+    plot_history(result.history, out / "history.png", title=f"{spec.name}: fine-tuning")

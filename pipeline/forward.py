@@ -1,0 +1,205 @@
+"""The one forward path: image bytes -> decoded, cropped batches -> network -> taps -> pooled rows.
+
+Every stage that runs a network on images uses it: extraction, prediction, fine-tuning's
+evaluation and the planner (through extraction). So a saved head sees at prediction time
+exactly the numbers it was trained on, and a fine-tuned network is evaluated on exactly
+the crops extraction would make.
+
+- :class:`PreparedImages` turns a position into uint8 pixels (decode, EXIF, RGB, resize,
+  centre crop) or a reason it could not; failures are data, not exceptions, so a batch
+  can skip a bad file under ``--on-error skip``.
+- :func:`batches` groups positions into channels-last uint8 batches: decoded by threads
+  *between* forward passes on a CPU, or by DataLoader processes that overlap the GPU.
+- :class:`Forward` normalises a batch, runs the network under autocast and
+  ``inference_mode``, and returns the pooled taps (or the network's own output).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Iterator, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from .device import autocast, tune_cpu_allocator
+from .errors import ImageDecodeError, ImageReadError
+from .images import DEFAULT_MAX_PIXELS
+from .layers import Tap, build_tap_extractor
+from .models import ModelSpec, Preprocessing
+from .pooling import pool
+from .preprocess import load_pixels, normalize
+
+__all__ = ["Batch", "PreparedImages", "FileBytes", "ItemBytes", "stack_channels_last", "batches", "Forward"]
+
+
+class Batch(NamedTuple):
+    positions: list[int]  # every position of the batch, decoded or not
+    good: list[int]  # the positions whose pixels are in ``pixels``, in order
+    pixels: torch.Tensor | None  # uint8 (B, 3, H, W), channels-last strides; None if nothing decoded
+    failures: list[tuple[int, ImageDecodeError]]  # (position, why it could not be decoded)
+
+
+class ItemBytes:
+    """Position -> encoded bytes of a data set's items (picklable for DataLoader workers)."""
+
+    def __init__(self, dataset, items):
+        self.dataset, self.items = dataset, items
+
+    def __call__(self, position: int) -> bytes:
+        return self.dataset.read_bytes(self.items[position])
+
+    def name(self, position: int) -> str:
+        return self.items[position].path
+
+
+class FileBytes:
+    """Position -> encoded bytes of image files named by path (prediction's inputs)."""
+
+    def __init__(self, paths: list[str]):
+        self.paths = list(paths)
+
+    def __call__(self, position: int) -> bytes:
+        path = self.paths[position]
+        try:
+            return Path(path).read_bytes()
+        except FileNotFoundError:
+            raise ImageReadError(path, "file not found") from None
+        except OSError as error:
+            raise ImageReadError(path, f"cannot read file ({error.strerror or error})") from None
+
+    def name(self, position: int) -> str:
+        return self.paths[position]
+
+
+class PreparedImages:
+    """Position -> (uint8 (3, crop, crop) pixels, None) or (None, the error): the decode
+    path of :func:`tlp.preprocess.load_pixels` over a byte source."""
+
+    def __init__(self, source: ItemBytes | FileBytes, prep: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.source, self.prep, self.max_pixels = source, prep, max_pixels
+
+    def __call__(self, position: int):
+        name = self.source.name(position)
+        try:
+            return load_pixels(self.source(position), name, self.prep, self.max_pixels), None
+        except ImageDecodeError as error:
+            return None, error
+
+
+def stack_channels_last(pixels: list[torch.Tensor]) -> torch.Tensor:
+    """Stack (3, H, W) uint8 images as (B, H, W, 3) and view them as (B, 3, H, W):
+    channels-last without a transposing copy."""
+    return torch.stack([p.permute(1, 2, 0) for p in pixels]).permute(0, 3, 1, 2)
+
+
+def _batch(positions, samples) -> Batch:
+    good = [(p, pixels) for p, (pixels, _) in zip(positions, samples) if pixels is not None]
+    stacked = stack_channels_last([pixels for _, pixels in good]) if good else None
+    failures = [(p, error) for p, (pixels, error) in zip(positions, samples) if pixels is None]
+    return Batch(list(positions), [p for p, _ in good], stacked, failures)
+
+
+class _PositionSet(torch.utils.data.Dataset):
+    """Positions for DataLoader workers: position -> (position, (pixels or None, error))."""
+
+    def __init__(self, prepare: Callable, n: int):
+        self.prepare, self.n = prepare, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, position: int):
+        return position, self.prepare(position)
+
+
+def _collate(samples) -> Batch:
+    return _batch([s[0] for s in samples], [s[1] for s in samples])
+
+
+def batches(prepare: Callable, n: int, *, batch_size: int, workers: int = 0,
+            pin_memory: bool = False) -> Iterator[Batch]:
+    """Positions 0..n-1 in order, as batches of prepared pixels.
+
+    ``workers=0`` decodes each batch with a thread per core in this process, *between*
+    forward passes: on a CPU the forward pass already keeps every core busy, and decoding
+    processes running beside it make its OpenMP threads wait on each other (PIL and
+    torch's resize release the GIL, so the threads use every core). ``workers > 0``
+    uses DataLoader processes, which overlap decoding with a GPU's work.
+    """
+    if workers == 0:
+        with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool_:
+            for start in range(0, n, batch_size):
+                positions = range(start, min(start + batch_size, n))
+                yield _batch(positions, list(pool_.map(prepare, positions)))
+        return
+    yield from torch.utils.data.DataLoader(
+        _PositionSet(prepare, n), batch_size=batch_size, shuffle=False, num_workers=workers,
+        collate_fn=_collate, pin_memory=pin_memory, prefetch_factor=4)
+
+
+class Forward:
+    """A network ready to run uint8 batches: normalise, autocast, forward, pool the taps.
+
+    With ``taps`` (and ``pools``, tap name -> pooling), calling it returns
+    ``{tap name: (B, D) float32 array}`` from one forward pass; ``tap_shapes`` then holds
+    each tap's per-image shape before pooling. Without taps it returns the network's own
+    output (a fine-tuned network's class scores) as a float32 array. The network is put in
+    eval mode and channels-last on ``device``.
+    """
+
+    def __init__(self, network: nn.Module, prep: Preprocessing, *, device: torch.device, precision: str,
+                 spec: ModelSpec | None = None, taps: list[Tap] | None = None, pools: dict[str, str] | None = None):
+        tune_cpu_allocator()
+        self.prep, self.device, self.precision = prep, device, precision
+        self.taps, self.pools = taps, pools or {}
+        module = build_tap_extractor(spec, network, taps) if taps else network
+        self.module = module.to(device=device, memory_format=torch.channels_last).eval()
+        self.tap_shapes: dict[str, tuple[int, ...]] = {}
+
+    @classmethod
+    def for_taps(cls, spec: ModelSpec, taps: list[Tap], pools: dict[str, str], *, device: torch.device,
+                 precision: str, network: nn.Module | None = None) -> "Forward":
+        """The spec's network (or ``network``) with these taps, pooled as ``pools`` says."""
+        network = network if network is not None else spec.build()
+        return cls(network, spec.preprocessing, device=device, precision=precision, spec=spec, taps=taps,
+                   pools=pools)
+
+    def __call__(self, pixels: torch.Tensor):
+        batch = normalize(pixels.to(self.device, non_blocking=True), self.prep)
+        with torch.inference_mode():
+            with autocast(self.device, self.precision):
+                outputs = self.module(batch)
+            if not self.taps:
+                return outputs.float().cpu().numpy()
+            pooled = {}  # pooled in float32, outside autocast (see tlp.pooling.pool)
+            for tap in self.taps:
+                tensor = outputs[tap.node]
+                self.tap_shapes.setdefault(tap.name, tuple(int(v) for v in tensor.shape[1:]))
+                pooled[tap.name] = pool(tensor, self.pools.get(tap.name, "avg")).cpu().numpy()
+        return pooled
+
+    def rows(self, prepare: Callable, n: int, *, batch_size: int, workers: int = 0,
+             on_failure: Callable[[list[tuple[int, ImageDecodeError]]], None] | None = None):
+        """Run every position through the network: (positions kept, outputs stacked).
+
+        ``on_failure`` sees each batch's undecodable positions before its forward pass
+        and may raise (``--on-error fail``); by default they are left out.
+        """
+        kept, parts = [], []
+        for batch in batches(prepare, n, batch_size=batch_size, workers=workers,
+                             pin_memory=self.device.type == "cuda"):
+            if batch.failures and on_failure is not None:
+                on_failure(batch.failures)
+            if batch.pixels is None:
+                continue
+            kept += batch.good
+            parts.append(self(batch.pixels))
+        if not parts:
+            return kept, None
+        if isinstance(parts[0], dict):
+            return kept, {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+        return kept, np.concatenate(parts)

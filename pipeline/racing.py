@@ -1,0 +1,385 @@
+"""Racing across folds: the sweep's scheduler.
+
+Every (layer, head) is a :class:`Cell` that runs its folds round by round; joblib runs the
+independent (cell, fold) tasks of a round in parallel, longest first, and between rounds
+a cell that is clearly behind the leader stops (see RACE_Z). Then the winner is refit as
+the plain pipeline that is saved; the other cells that ran every fold get their test
+accuracy from the head's cheaper scoring form.
+
+Nothing here imports torch: joblib's workers import this module for the fold tasks, and
+should not pay for torch.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import logging
+import multiprocessing
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from joblib import delayed
+from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
+
+from .errors import TlpInputError
+from .heads import HEADS, GridScores, grid_scores, make_head
+
+__all__ = ["RACE_FOLDS", "CENTRE_FOLDS", "RACE_Z", "RACE_MIN_GAP", "Cell", "Problem", "cv_folds", "run_cells"]
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- splits
+def cv_folds(labels: np.ndarray, cv: int, val: float | None, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified K folds (fewer when a class is tiny, with a warning) or one validation split."""
+    smallest = int(np.bincount(labels)[np.unique(labels)].min())
+    if smallest < 2:
+        raise TlpInputError("a class has fewer than 2 training images; cross-validation needs at least 2 per class")
+    if val is not None:
+        if not 0.0 < val < 1.0:
+            raise TlpInputError(f"--val must be a fraction between 0 and 1, got {val}")
+        splitter = StratifiedShuffleSplit(n_splits=1, test_size=val, random_state=seed)
+        return list(splitter.split(np.zeros(len(labels)), labels))
+    if cv < 2:
+        raise TlpInputError(f"--cv must be at least 2, got {cv}")
+    k = min(cv, smallest)
+    if k < cv:
+        logger.warning("the smallest class has %d training images: using %d folds instead of %d", smallest, k, cv)
+    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    return list(splitter.split(np.zeros(len(labels)), labels))
+
+
+# ----------------------------------------------------------------------------- racing
+# Racing across folds (successive elimination, the idea of Hoeffding races and of
+# scikit-learn's HalvingGridSearchCV, spent on folds instead of samples): every (layer,
+# head) runs its folds one round at a time, from the first fold on; after each round, a row
+# that is clearly behind the leader on the validation samples both have seen stops, so a
+# clear loser costs one fold, not five. "Clearly": a paired
+# test on the same samples (McNemar's, continuity-corrected: z = (b - c - 1) / sqrt(b + c),
+# b = samples only the leader got right, c = only the row), each row at its own best grid
+# point, with z >= RACE_Z and the mean accuracy RACE_MIN_GAP or more below the leader's.
+# z = 3.5 is one-sided p = 2e-4 per comparison, small against the ~30 comparisons of a
+# sweep and the leader's head start from being the best of ~12 rows; the gap keeps large
+# data sets, where small differences are significant, from stopping rows within noise of
+# the folds. RACE_FOLDS folds are the fewest a row runs before it can stop: one fold of a
+# few hundred validation samples already needs ~15 more samples against the row than for
+# it to reach z 3.5. On digits (898 training images, 5 folds, 180 validation samples per
+# fold) late svm, mlp and knn stop after 1 fold, late softmax after 2, early mlp and knn
+# after 3; the others run every fold.
+RACE_FOLDS = 1
+# Folds of a warm-started path's coarse pass that place its fine centre (their mean), and
+# the rounds that run one fold each (so the second fold also tells later folds which grid
+# points both skipped, see _fold_jobs).
+CENTRE_FOLDS = 2
+RACE_Z = 3.5
+RACE_MIN_GAP = 0.02
+
+
+@dataclass
+class Cell:
+    """One (layer, head) during the sweep: its folds so far and whether it still runs."""
+
+    layer: str
+    head: str
+    grid: list[dict]
+    folds: dict[int, GridScores] = field(default_factory=dict)
+    seconds: float = 0.0  # CPU seconds of its fold tasks, summed
+    n_tasks: int = 0
+    center: int | None = None  # a warm-started path's fine centre, fixed after CENTRE_FOLDS folds
+    coarse_only: list[int] = field(default_factory=list)  # path folds still waiting for their fine phase
+    stopped: bool = False  # stopped by the race: no further folds
+    z: float = 0.0  # its last race statistic against the leader
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.layer, self.head
+
+    def means(self, n: int | None = None) -> np.ndarray:
+        """Mean validation accuracy per grid point over the first ``n`` folds (default: all
+        it ran); -inf where a point was not fitted on every one of them."""
+        return np.asarray([self.folds[f].scores for f in sorted(self.folds)[:n]]).mean(axis=0)
+
+    def best(self, n: int | None = None) -> int:
+        return int(np.argmax(self.means(n)))  # first maximum: the most regularised of equals
+
+    def correct(self, n: int) -> np.ndarray:
+        """Per-sample correctness of the best point over the first ``n`` folds, in fold order."""
+        best = self.best(n)
+        return np.concatenate([self.folds[f].correct[best] for f in sorted(self.folds)[:n]])
+
+    def task_seconds(self) -> float:
+        return self.seconds / max(1, self.n_tasks)
+
+
+def _race(active: list[Cell], n_folds: int) -> tuple[Cell, list[Cell]]:
+    """The leader and the cells clearly behind it, on the folds every active cell ran.
+
+    Only cells with folds left to run are tested (and get ``z``); a cell that ran every
+    fold has nothing left to save.
+    """
+    n = min(len(cell.folds) for cell in active)
+    leader = max(active, key=lambda cell: cell.means(n).max())
+    leading, leader_accuracy = leader.correct(n), leader.means(n).max()
+    behind = []
+    for cell in active:
+        if cell is leader or len(cell.folds) == n_folds:
+            continue
+        correct = cell.correct(n)
+        only_leader, only_cell = int(np.sum(leading & ~correct)), int(np.sum(~leading & correct))
+        cell.z = (only_leader - only_cell - 1) / np.sqrt(only_leader + only_cell) if only_leader + only_cell else 0.0
+        if cell.z >= RACE_Z and leader_accuracy - cell.means(n).max() >= RACE_MIN_GAP:
+            behind.append(cell)
+    return leader, behind
+
+
+def _first_folds(n_folds: int, racing: bool) -> list[int]:
+    """The folds every cell runs in the first round: RACE_FOLDS when racing, else
+    CENTRE_FOLDS (nothing to decide before a path's centre)."""
+    return list(range(min(n_folds, RACE_FOLDS if racing else CENTRE_FOLDS)))
+
+
+def _next_folds(cell: Cell, n_folds: int, racing: bool) -> list[int]:
+    """The folds a running cell runs in the next round.
+
+    One fold at a time up to CENTRE_FOLDS, and after that while the race could still
+    stop the cell: its z, growing as the square root of the samples seen at a constant
+    gap, would reach RACE_Z by the last check (before the last fold). Otherwise every
+    remaining fold at once: fewer rounds, and so fewer waits for a round's last task
+    (~0.5 s each on digits with 2 workers).
+    """
+    done = len(cell.folds)
+    remaining = list(range(done, n_folds))
+    could_stop = racing and remaining and cell.z * np.sqrt((n_folds - 1) / done) >= RACE_Z
+    return remaining[:1] if could_stop or done < CENTRE_FOLDS else remaining
+
+
+# ----------------------------------------------------------------------------- fitting
+# Expected seconds of a first-round fold task, (dimension + 300) x head weight, to start
+# the longest first. Fitted to fold tasks on digits with 2 workers (svm 0.7/0.9/2.0 s on
+# the 160/448/1,280-d layers; mlp ~1.5x, softmax's coarse pass ~0.6x, knn ~0.03x that);
+# later rounds use each cell's measured seconds.
+_FIRST_ROUND_WEIGHT = {"mlp": 1.5, "svm": 1.0, "softmax": 0.6, "knn": 0.03}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What every task of one sweep shares: the training and test rows per layer, folds, seed."""
+
+    train_X: dict[str, np.ndarray]  # layer -> (n_train, D)
+    y_train: np.ndarray
+    test_X: dict[str, np.ndarray]  # layer -> (n_test, D)
+    y_test: np.ndarray
+    folds: list[tuple[np.ndarray, np.ndarray]]  # (training rows, validation rows) per fold
+    seed: int
+
+
+@dataclass(frozen=True)
+class _FoldTask:
+    """One cell's grid on one fold (one phase of it, for a warm-started path)."""
+
+    layer: str
+    head: str
+    fold: int
+    X: np.ndarray
+    y: np.ndarray
+    train: np.ndarray
+    val: np.ndarray
+    grid: list[dict]
+    seed: int
+    phase: str = "all"
+    center: int | None = None
+    start: tuple | None = None
+    only: list[int] | None = None
+
+
+def _fold_task(task: _FoldTask):
+    _freeze_worker_imports()
+    started = time.perf_counter()
+    scores = grid_scores(task.head, task.grid, task.X[task.train], task.y[task.train], task.X[task.val],
+                         task.y[task.val], task.seed, phase=task.phase, center=task.center, start=task.start,
+                         only=task.only)
+    return "fold", (task.layer, task.head), (task.fold, scores, time.perf_counter() - started)
+
+
+@dataclass(frozen=True)
+class _RefitTask:
+    """One cell's best point, fitted on all training rows and scored on the test part."""
+
+    layer: str
+    head: str
+    params: dict
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+    seed: int
+    plain: bool  # the plain pipeline (the winner, saved and plotted), or the scoring form
+
+
+def _refit_task(task: _RefitTask):
+    """The winner: the plain pipeline, fitted on all training rows (saved, plotted). Any
+    other row only needs its test accuracy, which the head's scoring form gives up to float
+    rounding, faster (grid_scores on a one-point grid; see heads._Split)."""
+    _freeze_worker_imports()
+    started = time.perf_counter()
+    if task.plain:
+        estimator = make_head(task.head, task.params, task.seed).fit(task.X_train, task.y_train)
+        accuracy = float((estimator.predict(task.X_test) == task.y_test).mean()) if len(task.y_test) else None
+    else:
+        estimator = None
+        accuracy = grid_scores(task.head, [task.params], task.X_train, task.y_train, task.X_test, task.y_test,
+                               task.seed).scores[0]
+    return "refit", (task.layer, task.head), (estimator, accuracy, time.perf_counter() - started)
+
+
+def _freeze_worker_imports() -> None:
+    """In a loky worker process, once: move everything imported so far out of the garbage
+    collector's sight.
+
+    Without psutil, loky runs a full ``gc.collect()`` after every task that ends a second
+    or more after the previous collection. With torch imported that scanned ~250,000
+    objects, 0.1-0.2 s each time: 11% of the sweep's wall time on digits with 2 workers.
+    The workers no longer import torch, but what they import still leaves ~95,000.
+    Frozen, those collections only scan what the tasks create.
+    Never in the calling process (n_jobs=1 runs tasks there), where it would hide the
+    caller's own objects from the collector.
+    """
+    global _FROZEN
+    if not _FROZEN and multiprocessing.current_process().name.startswith("LokyProcess"):
+        gc.collect()
+        gc.freeze()
+        _FROZEN = True
+
+
+_FROZEN = False
+
+
+class _Progress:
+    """A bar of (layer, head) cells done out of all, with the leader so far."""
+
+    def __init__(self, cells: list[Cell], n_folds: int, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.cells, self.n_folds = cells, n_folds
+        self.bar = tqdm(total=len(cells), desc="sweep", unit="cell", file=sys.stderr, disable=not enabled,
+                        leave=False)
+
+    def update(self) -> None:
+        done = sum(cell.stopped or len(cell.folds) == self.n_folds for cell in self.cells)
+        self.bar.update(done - self.bar.n)
+        ran = [cell for cell in self.cells if cell.folds]
+        if ran:
+            leader = max(ran, key=lambda cell: cell.means().max())
+            self.bar.set_postfix_str(f"leader {leader.layer}/{leader.head} {leader.means().max():.3f}", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_cells(parallel, cells: list[Cell], problem: Problem, *, racing: bool, progress: bool = False):
+    """Fold tasks round by round, racing between rounds, then the refits.
+
+    Round 1 runs the first folds of every cell (see _first_folds; a warm-started path's
+    coarse pass only, until CENTRE_FOLDS folds place its fine centre). Each later round
+    runs the next folds of the cells still running (see _next_folds), the fine phase of
+    path folds that ran before their centre was known; the last round, the refits of
+    the cells that ran every fold (a cell that stopped is not refit: it cannot win, and
+    the test part is for the contenders). Within a round, tasks start longest first, so
+    neither worker idles long at its end.
+    Returns the winner and ``{key: (estimator or None, test accuracy, seconds)}``.
+    """
+    n_folds = len(problem.folds)
+    plan = {cell.key: _first_folds(n_folds, racing) for cell in cells}
+    refits: dict[tuple[str, str], tuple] = {}
+    bar = _Progress(cells, n_folds, progress)
+    try:
+        for _round in itertools.count():
+            jobs = [job for cell in cells if not cell.stopped
+                    for job in _fold_jobs(cell, plan.get(cell.key, []), problem)]
+            jobs += [job for cell in cells if not cell.stopped and cell.center is not None
+                     for job in _fine_jobs(cell, problem)]
+            if not jobs:
+                break
+            _run(parallel, jobs, cells, refits, bar)
+            for cell in cells:
+                if cell.coarse_only and cell.center is None and len(cell.folds) >= min(CENTRE_FOLDS, n_folds):
+                    cell.center = cell.best()
+            active = [cell for cell in cells if not cell.stopped]
+            if racing and any(len(cell.folds) < n_folds for cell in active):
+                leader, stopped = _race(active, n_folds)
+                for cell in stopped:
+                    cell.stopped = True
+                    logger.debug("racing: %s/%s stops after %d of %d folds: %.3f against %.3f of %s/%s (z %.1f)",
+                                 cell.layer, cell.head, len(cell.folds), n_folds, cell.means().max(),
+                                 leader.means(len(cell.folds)).max(), leader.layer, leader.head, cell.z)
+            bar.update()
+            plan = {cell.key: _next_folds(cell, n_folds, racing) for cell in cells if not cell.stopped}
+    finally:
+        bar.close()
+    winner = _winner(cells, n_folds)
+    _run(parallel, [_refit_job(cell, problem, plain=cell is winner) for cell in cells
+                    if cell is winner or (not cell.stopped and len(problem.y_test))], cells, refits, None)
+    return winner, refits
+
+
+def _run(parallel, jobs, cells: list[Cell], refits: dict, bar: _Progress | None) -> None:
+    """Run (expected seconds, task) pairs longest first; file each result with its cell as
+    it arrives."""
+    by_key = {cell.key: cell for cell in cells}
+    for kind, key, result in parallel(job for _cost, job in sorted(jobs, key=lambda pair: -pair[0])):
+        if kind == "refit":
+            refits[key] = result
+            continue
+        fold_index, scores, seconds = result
+        cell = by_key[key]
+        cell.folds[fold_index] = cell.folds[fold_index].merge(scores) if fold_index in cell.folds else scores
+        cell.seconds, cell.n_tasks = cell.seconds + seconds, cell.n_tasks + 1
+        if bar is not None:
+            bar.update()
+
+
+def _winner(cells: list[Cell], n_folds: int) -> Cell:
+    """The best cell among those that ran every fold (racing never stops the leader, so
+    there is one); first of equals: earlier layer, listed head."""
+    return max((cell for cell in cells if len(cell.folds) == n_folds), key=lambda cell: cell.means().max())
+
+
+def _fold_jobs(cell: Cell, fold_indices, problem: Problem):
+    """(expected seconds, task) for these folds of one cell."""
+    X = problem.train_X[cell.layer]
+    cost = cell.task_seconds() if cell.n_tasks else (X.shape[1] + 300) * _FIRST_ROUND_WEIGHT.get(cell.head, 1.0)
+    warm_start = HEADS[cell.head].warm_start
+    # A path's first folds fit the coarse pass only: the fine centre needs their mean.
+    phase = "coarse" if warm_start and cell.center is None else "all"
+    if phase == "coarse":
+        cell.coarse_only += list(fold_indices)
+    # Points an earlier fold did not fit (past a path's peak there) can no longer be
+    # selected: later folds skip them. On digits' mid layer the linear SVM's two largest
+    # C were otherwise fitted on 3 and 2 of 5 folds for nothing (~40% of that row's time).
+    only = None if warm_start or not cell.folds else np.flatnonzero(np.isfinite(cell.means())).tolist()
+    for f in fold_indices:
+        train, val = problem.folds[f]
+        yield cost, delayed(_fold_task)(_FoldTask(cell.layer, cell.head, f, X, problem.y_train, train, val, cell.grid,
+                                                  problem.seed, phase, cell.center, None, only))
+
+
+def _fine_jobs(cell: Cell, problem: Problem):
+    """(expected seconds, task) for the fine phase of a path's first folds, around its centre."""
+    fold_indices, cell.coarse_only = cell.coarse_only, []
+    for f in fold_indices:
+        train, val = problem.folds[f]
+        task = _FoldTask(cell.layer, cell.head, f, problem.train_X[cell.layer], problem.y_train, train, val, cell.grid,
+                         problem.seed, "fine", cell.center, cell.folds[f].solutions[cell.center])
+        yield cell.task_seconds() / 2, delayed(_fold_task)(task)
+
+
+def _refit_job(cell: Cell, problem: Problem, plain: bool):
+    """(expected seconds, task) of a cell's refit with its best parameters."""
+    # One grid point on all the training part: about a fold task's share per point, x2.
+    cost = cell.task_seconds() / max(1, int(np.isfinite(cell.means()).sum())) * 2
+    task = _RefitTask(cell.layer, cell.head, cell.grid[cell.best()], problem.train_X[cell.layer], problem.y_train,
+                      problem.test_X[cell.layer], problem.y_test, problem.seed, plain)
+    return cost, delayed(_refit_task)(task)
