@@ -15,7 +15,7 @@ naive script
     workers), fp32, NCHW, forward hooks on the three tapped modules, global average
     pooling, ``np.save``.
 tlp cold
-    ``pipeline.extract`` into a fresh cache directory with default settings, end to end
+    ``tlp.extract`` into a fresh cache directory with default settings, end to end
     (scan and hash every file, build the model, decode, forward, write HDF5).
 tlp warm
     The same call again: a cache hit that must run zero forward passes.
@@ -53,13 +53,14 @@ import torch
 import torchvision
 from PIL import Image, ImageEnhance, ImageOps
 
-import pipeline
-from pipeline import layers as tlp_layers
-from pipeline import models as tlp_models
-from pipeline.device import autocast, cpu_has_native_bf16, tune_cpu_allocator
-from pipeline.extract import ExtractSettings
-from pipeline.images import decode_image
-from pipeline.preprocess import normalize, resize_and_crop
+import tlp
+from tlp import layers as tlp_layers
+from tlp import models as tlp_models
+from tlp.device import autocast, cpu_has_native_bf16, tune_cpu_allocator
+from tlp.files import forget_file_hashes
+from tlp.images import decode_image
+from tlp.preprocess import normalize, resize_and_crop
+from tlp.settings import ExtractSettings
 
 MODEL = "efficientnet_lite0"
 LAYERS = ("early", "mid", "late")
@@ -271,19 +272,19 @@ def run_naive(root: Path, spec, taps, out_dir: Path) -> tuple[float, dict[str, n
 # ----------------------------------------------------------------------------- tlp
 def _forget_process_memos() -> None:
     """Clear tlp's in-process memos so a call pays what a fresh ``tlp extract`` pays."""
-    tlp_layers._preset_nodes.cache_clear()
-    tlp_models._file_sha256.cache_clear()
+    tlp_layers.forget_presets()
+    forget_file_hashes()
 
 
 def run_tlp(root: Path, cache_dir: Path):
-    """One ``pipeline.extract`` call with default settings; returns (seconds, result).
+    """One ``tlp.extract`` call with default settings; returns (seconds, result).
 
     ``device="cpu"`` equals the default on a machine without CUDA, and keeps the
     comparison with the (CPU) limit and naive script fair on one with it.
     """
     _forget_process_memos()
     start = time.perf_counter()
-    result = pipeline.extract(str(root), cache_dir=str(cache_dir), layers=LAYERS, device="cpu", progress=False)
+    result = tlp.extract(str(root), cache_dir=str(cache_dir), layers=LAYERS, device="cpu", progress=False)
     return time.perf_counter() - start, result
 
 
@@ -293,7 +294,7 @@ def agreement(naive: dict[str, np.ndarray], naive_paths: list[str], result) -> d
     Checks that both measure the same computation; tlp differs only by precision,
     float16 storage and its one-step resize.
     """
-    with pipeline.FeatureFile(result.path) as cached:
+    with tlp.FeatureFile(result.path) as cached:
         row = {path: i for i, path in enumerate(cached.paths)}
         order = [row[path] for path in naive_paths]
         lowest = {}

@@ -11,7 +11,7 @@ tutorial
     at the core count), SGD (lr 0.001, momentum 0.9), ``StepLR(7, 0.1)``, a train and a
     val phase per epoch, fp32, NCHW.
 tlp
-    ``pipeline.finetune.finetune(train, test=val, case="4", val=0)`` with its defaults:
+    ``tlp.finetune(train, test=val, case="4", val=0)`` with its defaults:
     fp32 on a CPU (``auto``: bf16 autocast measured slower for training here), channels_last, decoded
     images kept in memory between epochs, decoding in threads between steps, AdamW with
     the pretrained layers at 0.1x the new layer's rate, warm-up + cosine. Where ``auto``
@@ -43,11 +43,12 @@ import numpy as np
 import torch
 from torch import nn
 
-import pipeline
-from pipeline.data import load_dataset
-from pipeline.finetune import build_finetune_model, finetune
-from pipeline.models import resolve_model
-from pipeline.report import format_table, write_report
+import tlp
+from tlp import finetune, load_dataset
+from tlp.files import write_json
+from tlp.finetuning.surgery import build_finetune_model
+from tlp.models import resolve_model
+from tlp.report import format_table
 
 from extract import cpu_busy_fraction  # noqa: E402  (benchmarks/extract.py)
 
@@ -166,7 +167,7 @@ def build_report(args, data_name: str, tutorial: dict, tlp: dict, tlp_fp32: dict
         "settings": {"data": data_name, "model": MODEL, "image_size": args.image_size, "batch_size": args.batch_size,
                      "epochs": args.epochs, "n_train": args.n_train, "n_test": args.n_test, "seed": args.seed},
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "python": platform.python_version(), "torch": torch.__version__, "tlp": pipeline.__version__,
+                    "python": platform.python_version(), "torch": torch.__version__, "tlp": tlp.__version__,
                     "cpu_busy_before": busy[0], "cpu_busy_after": busy[1]},
     }
     if tlp_fp32 is not None:
@@ -229,7 +230,7 @@ def main(argv=None) -> int:
     report = build_report(args, data_name, tutorial, tlp, tlp_fp32, (busy_before, cpu_busy_fraction()))
     print()
     print(format_report(report))
-    write_report(args.json, report)
+    write_json(args.json, report)
     print(f"\nwrote {args.json}")
     return 0
 

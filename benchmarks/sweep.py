@@ -6,19 +6,19 @@ taps ``early,mid,late`` with 160, 448 and 1,280 dimensions), the same held-out t
 and the same five stratified folds of the training half:
 
 tlp
-    ``pipeline.sweep("digits", test=0.5, image_size=96, heads=..., n_jobs=N)`` (with
+    ``tlp.sweep("digits", test=0.5, image_size=96, heads=..., n_jobs=N)`` (with
     ``--no-racing``: ``racing=False``). The features are cached before timing, so the
     call is the sweep itself (plus a cache hit and reading the HDF5 file, which its wall
     time includes and ``sweep_seconds`` does not): (layer, head, fold) grids in parallel,
     round by round, then the refits scored on the test half.
 GridSearchCV
     The plain script: for each layer and head, ``GridSearchCV`` over
-    ``pipeline.heads.make_head(head, ...)`` with exactly the same grid points (the
+    ``tlp.heads.make_head(head, ...)`` with exactly the same grid points (the
     classifier step itself is swapped per point, built by ``HEADS[head].classifier``,
     so linear and RBF SVMs stay as they are), the same folds, ``n_jobs=N`` and
     ``refit=True``, on the training half loaded once in memory.
 
-The difference being measured, all of it in ``pipeline.sweep`` and ``pipeline.heads``:
+The difference being measured, all of it in ``tlp.sweep`` and ``tlp.heads``:
 tlp fits the preprocessing once per fold and head; fits the logistic-regression path
 (45 values of C) coarse-to-fine, warm-started (every 4th C, then the 3 values either
 side of the best coarse C over the first folds); scores the RBF SVM on a kernel matrix
@@ -76,11 +76,12 @@ from joblib import Parallel, delayed  # noqa: E402
 from sklearn.exceptions import ConvergenceWarning  # noqa: E402
 from sklearn.model_selection import GridSearchCV  # noqa: E402
 
-import pipeline  # noqa: E402
-from pipeline.heads import HEADS, PATH_REFINE, PATH_STEP, head_grid, make_head  # noqa: E402
-from pipeline.report import format_table, write_report  # noqa: E402
-from pipeline.data import test_split  # noqa: E402
-from pipeline.sweep import DEFAULT_HEADS, RACE_FOLDS, RACE_MIN_GAP, RACE_Z, _folds  # noqa: E402
+import tlp  # noqa: E402
+from tlp.files import write_json  # noqa: E402
+from tlp.heads import HEADS, PATH_REFINE, PATH_STEP, head_grid, make_head  # noqa: E402
+from tlp.racing import RACE_FOLDS, RACE_MIN_GAP, RACE_Z, cv_folds  # noqa: E402
+from tlp.report import format_table  # noqa: E402
+from tlp.settings import DEFAULT_HEADS, DEFAULT_MODEL  # noqa: E402
 
 from extract import cpu_busy_fraction  # noqa: E402  (benchmarks/extract.py)
 
@@ -95,18 +96,21 @@ TARGETS = {"speedup_at_least": 5.0, "abs_accuracy_gap_points_at_most": 0.5}
 
 # ----------------------------------------------------------------------------- data
 def load_features(cache_dir: Path, layers: tuple[str, ...]):
-    """Extract (or reuse) the features; return (extract result, {layer: X}, y)."""
-    result = pipeline.extract(DATA, image_size=IMAGE_SIZE, pool=POOL, layers=layers,
-                              cache_dir=str(cache_dir), progress=False)
-    with pipeline.FeatureFile(result.path) as features:
+    """Extract (or reuse) the features of the training and test halves, exactly as
+    ``tlp.sweep(DATA, test=TEST_FRACTION)`` splits and extracts them (so tlp's timed calls
+    are cache hits); return (extract results, {layer: X_train}, y_train)."""
+    train, test = tlp.split(tlp.load_dataset(DATA), TEST_FRACTION, SEED)
+    results = [tlp.extract(part, image_size=IMAGE_SIZE, pool=POOL, layers=layers, cache_dir=str(cache_dir),
+                           progress=False) for part in (train, test)]
+    with tlp.FeatureFile(results[0].path) as features:
         X = {name: features.load(name) for name in layers}
         y = features.labels
-    return result, X, y
+    return results, X, y
 
 
 def _warm_worker() -> int:
     # Import what both sides' workers need, so neither pays for it inside its timing.
-    import pipeline.sweep  # noqa: F401
+    import tlp.racing  # noqa: F401
     import sklearn.model_selection  # noqa: F401
 
     return os.getpid()
@@ -122,7 +126,7 @@ def run_tlp(cache_dir: Path, layers, heads, n_jobs: int, racing: bool = True) ->
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         start = time.perf_counter()
-        result = pipeline.sweep(DATA, test=TEST_FRACTION, image_size=IMAGE_SIZE, layers=layers,
+        result = tlp.sweep(DATA, test=TEST_FRACTION, image_size=IMAGE_SIZE, layers=layers,
                                 cache_dir=str(cache_dir), heads=heads, n_jobs=n_jobs, racing=racing, progress=False)
         seconds = time.perf_counter() - start
     if result.extract is not None and result.extract.n_extracted:
@@ -280,8 +284,6 @@ def build_report(args, grids, n_jobs, dims, n_train, folds, tlp_runs, gs_runs, w
 
 
 def _model_name() -> str:
-    from pipeline.models import DEFAULT_MODEL
-
     return DEFAULT_MODEL
 
 
@@ -354,14 +356,12 @@ def run(args, cache_dir: Path) -> dict:
     busy_before = cpu_busy_fraction()
     if busy_before is not None and busy_before > 0.2:
         print(f"warning: {busy_before:.0%} of the CPU is busy before starting; other processes will skew the numbers")
-    extracted, X, y = load_features(cache_dir, args.layers)
-    dims = {name: int(values.shape[1]) for name, values in X.items()}
-    print(f"{DATA}: {len(y)} images, layers {dims} (extracted {extracted.n_extracted} in {extracted.seconds:.1f} s)")
-    # Exactly the sweep's split and folds (pipeline.sweep uses these helpers with seed 0).
-    train_idx, _test_idx = test_split(y, TEST_FRACTION, SEED)
-    y_train = y[train_idx]
-    folds = _folds(y_train, CV, None, SEED)
-    X_train = {name: values[train_idx] for name, values in X.items()}
+    extracted, X_train, y_train = load_features(cache_dir, args.layers)
+    dims = {name: int(values.shape[1]) for name, values in X_train.items()}
+    print(f"{DATA}: {len(y_train)} training images, layers {dims} (extracted "
+          f"{sum(r.n_extracted for r in extracted)} in {sum(r.seconds for r in extracted):.1f} s)")
+    # Exactly the sweep's folds (tlp.sweep makes them with this function and seed 0).
+    folds = cv_folds(y_train, CV, None, SEED)
     grids = {head: head_grid(head, y_train) for head in args.heads}
     workers = warm_up_workers(args.n_jobs)
 
@@ -389,7 +389,7 @@ def main(argv=None) -> int:
             report = run(args, Path(work))
     print()
     print(format_report(report))
-    write_report(args.json, report)
+    write_json(args.json, report)
     print(f"\nwrote {args.json}")
     return 0
 

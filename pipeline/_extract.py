@@ -169,6 +169,7 @@ def extract(data, settings: ExtractSettings | None = None, **overrides) -> Extra
     timings = {"plan_seconds": time.perf_counter() - started}  # model, taps, scan and key
     cache = CacheDir(settings.cache_dir)
     final = cache.file_for(plan.key)
+    logger.debug("%s: cache key %s, %d images", dataset.name, plan.key, len(dataset.items))
 
     hit = _try_cache_hit(final, plan.key)
     if hit is not None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
     from ._extract import ExtractResult
 
 __all__ = ["SweepResult", "sweep", "DEFAULT_HEADS"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -198,6 +201,8 @@ def sweep(data, settings: SweepSettings | None = None, *, test=None, out: str | 
     grids = {head: head_grid(head, train.labels) for head in settings.heads}
     cells = [Cell(layer, head, grids[head]) for layer in train.layers for head in settings.heads]
     problem = Problem(train.layers, train.labels, held.layers, held.labels, folds, settings.seed)
+    logger.debug("sweeping %d layers x %d heads on %d training rows, %d folds", len(train.layers),
+                 len(settings.heads), len(train.labels), len(folds))
     from joblib import Parallel
 
     # One task per call keeps the longest-first order; the pool lives across the rounds.
@@ -377,8 +382,6 @@ def _cv_results(cells: list[Cell], n_folds: int) -> dict[str, list]:
 def _write_outputs(result: SweepResult, out: Path, held: _Features, inputs: _Inputs) -> None:
     """results.csv, accuracy_by_depth.png, the winner's confusion_matrix.png (with a test
     part) and, when the features came from images, the saved winner for ``tlp predict``."""
-    import logging
-
     from .plots import plot_accuracy_by_depth, plot_confusion_matrix
     from .saved import save_head
 
@@ -390,7 +393,7 @@ def _write_outputs(result: SweepResult, out: Path, held: _Features, inputs: _Inp
         plot_confusion_matrix(held.labels, predicted, result.classes, out / "confusion_matrix.png",
                               title=f"{best['head']} on {best['layer']}, test part")
     if inputs.cache_file is None:
-        logging.getLogger(__name__).info("features given as arrays: no model.json for `tlp predict` "
+        logger.info("features given as arrays: no model.json for `tlp predict` "
                                          "(the winner is SweepResult.best_estimator)")
         return
     with FeatureFile(inputs.cache_file) as features:

@@ -110,6 +110,7 @@ def _add_field(groups, name: str, owners, override):
     if isinstance(first.default, bool):
         kwargs["action"] = "store_false" if first.default else "store_true"
         flag = ("--no-" if first.default else "--") + name.replace("_", "-")
+        kwargs["help"] = meta.get("flag_help") or help_text
     else:
         flag = _flag(name)
         kwargs.update(type=_parse_for(first), metavar=meta.get("metavar"), choices=meta.get("choices"),
@@ -262,6 +263,7 @@ def _add_cache(verbs) -> None:
     cache_help = _help_of(ModelOptions, "cache_dir")
     parser = verbs.add_parser("cache", help="list, check and clean the feature cache",
                               description="list, check and clean the feature cache")
+    parser.add_argument("--cache-dir", metavar="DIR", default=None, help=cache_help)
     actions = parser.add_subparsers(dest="action", required=True, parser_class=_Parser, metavar="ACTION")
     specs = [
         ("ls", "list cache entries", commands.cache_ls, None),
@@ -278,7 +280,8 @@ def _add_cache(verbs) -> None:
         if name == "gc":
             action.add_argument("--partial", action="store_true",
                                 help="also delete unfinished work (shards of interrupted runs)")
-        action.add_argument("--cache-dir", metavar="DIR", default=None, help=cache_help)
+        # Before or after the action: after it, only a given value replaces the one before.
+        action.add_argument("--cache-dir", metavar="DIR", default=argparse.SUPPRESS, help=cache_help)
         _common(action, top=False)
         action.set_defaults(func=handler)
 

@@ -24,7 +24,7 @@ from typing import Iterator
 import numpy as np
 
 __all__ = [
-    "canonical_json", "fingerprint", "array_sha256", "file_sha256", "temp_name", "atomic_file", "write_json",
+    "canonical_json", "fingerprint", "array_sha256", "file_sha256", "forget_file_hashes", "temp_name", "atomic_file", "write_json",
     "atomic_h5", "torch_save", "library_versions", "now_iso",
 ]
 
@@ -65,6 +65,12 @@ def file_sha256(path: str | os.PathLike) -> str:
     a weights file is hashed once however often its model is resolved."""
     stat = os.stat(path)
     return _memo_sha256(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def forget_file_hashes() -> None:
+    """Forget the file hashes this process memoised, so the next :func:`file_sha256` reads
+    the file again (the benchmarks time cold runs)."""
+    _memo_sha256.cache_clear()
 
 
 # ----------------------------------------------------------------------------- atomic writes

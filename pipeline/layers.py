@@ -27,7 +27,7 @@ from .families import family_for
 from .files import write_json
 from .models import ModelSpec
 
-__all__ = ["PRESETS", "Tap", "NodeInfo", "resolve_taps", "list_nodes", "build_tap_extractor"]
+__all__ = ["PRESETS", "Tap", "NodeInfo", "resolve_taps", "preset_nodes", "forget_presets", "list_nodes", "build_tap_extractor"]
 
 PRESETS = ("early", "mid", "late", "penultimate", "logits")
 _PROBE_SIZE = 128  # input side used to measure strides; any multiple of 32 >= 75 works
@@ -113,6 +113,12 @@ def _preset_nodes(spec_key: str, spec: ModelSpec) -> dict[str, str]:
         "penultimate": family.penultimate(model),
         "logits": family.logits(model),
     }
+
+
+def forget_presets() -> None:
+    """Forget the presets this process resolved (not the ``presets.json`` memo on disk), so
+    the next resolution pays what a fresh process pays (the benchmarks time cold runs)."""
+    _preset_nodes.cache_clear()
 
 
 PRESET_RULES_VERSION = 1  # bump when the rules above change: invalidates presets.json memos

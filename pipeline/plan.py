@@ -35,7 +35,7 @@ import numpy as np
 from .data import as_dataset
 from .dataset import Dataset
 from .errors import TlpInputError
-from .settings import DEFAULT_MODEL, ExtractSettings, ModelOptions, PlanSettings, route_options
+from .settings import DEFAULT_MODEL, ExtractSettings, ModelOptions, PlanSettings, resolve_cache_dir, route_options
 
 __all__ = ["Advice", "advise", "measure_similarity", "next_command", "RECIPES", "ADVISE_MAX_IMAGES"]
 
@@ -78,9 +78,10 @@ def next_command(case: int, data: str, options: ModelOptions) -> str:
     options (those that differ from the defaults), ready to paste."""
     recipe = RECIPES[case]
     words = ["tlp", "sweep" if recipe["stage"] == "sweep" else "finetune", data, *recipe["arguments"]]
+    default_cache = str(resolve_cache_dir(None))
     for item in dataclasses.fields(ModelOptions):
         value = getattr(options, item.name)
-        if value == item.default or item.name == "cache_dir" and value is None:
+        if value == item.default or item.name == "cache_dir" and value in (None, default_cache):
             continue
         flag = "--" + item.name.replace("_", "-")
         words += [flag] if value is True else [flag, str(value)]
@@ -164,21 +165,29 @@ def _probe_accuracy(X: np.ndarray, y: np.ndarray, seed: int) -> float:
     return float(cross_val_score(make_head("knn", {"k": k}), X, y, cv=splitter).mean())
 
 
-def _settings(options, plan, overrides, where: str) -> tuple[ModelOptions, PlanSettings]:
-    """The model options and planner settings of a call, with keyword overrides routed by name."""
-    routed = route_options(overrides, (ModelOptions, PlanSettings), where)
-    base = options if options is not None else ModelOptions()
-    model = ModelOptions(**{f.name: getattr(base, f.name) for f in dataclasses.fields(ModelOptions)})
-    model = dataclasses.replace(model, **routed[ModelOptions]).validated()
-    return model, dataclasses.replace(plan or PlanSettings(), **routed[PlanSettings]).validated()
+def _settings(options, plan, overrides, where: str) -> tuple[ExtractSettings, PlanSettings]:
+    """How the planner extracts (the model options of ``options``, and its extraction
+    options if it is an ExtractSettings) and measures, with keyword overrides routed by name."""
+    routed = route_options(overrides, (ExtractSettings, PlanSettings), where)
+    if not isinstance(options, ExtractSettings):
+        base = options if options is not None else ModelOptions()
+        options = ExtractSettings(**{f.name: getattr(base, f.name) for f in dataclasses.fields(ModelOptions)})
+    plan = dataclasses.replace(plan or PlanSettings(), **routed[PlanSettings]).validated()
+    # The planner's own taps; penultimate rides along (same forward pass) so that case 1's
+    # sweep finds it cached. Every registered family names its logits node, so the
+    # classifier's output is always there.
+    extraction = dataclasses.replace(options, **routed[ExtractSettings], layers=PROBE_LAYERS + ("penultimate", "logits"),
+                                     pool="auto", progress=plan.progress)
+    return extraction.validated(), plan
 
 
 def measure_similarity(data, options: ModelOptions | None = None, plan: PlanSettings | None = None,
                        **overrides) -> dict:
     """The three similarity signals on (a sample of) ``data`` and their majority vote.
 
-    ``options`` is any settings object with the model options (a FinetuneSettings too);
-    keyword ``overrides`` set single fields of ModelOptions or PlanSettings.
+    ``options`` holds the model options (any ModelOptions: a FinetuneSettings too; an
+    ExtractSettings also gives its batch size, workers and error policy); keyword
+    ``overrides`` set single fields of ExtractSettings or PlanSettings.
     """
     from tqdm.auto import tqdm
 
@@ -186,14 +195,10 @@ def measure_similarity(data, options: ModelOptions | None = None, plan: PlanSett
     from .featurefile import FeatureFile
     from .transferability import logme
 
-    options, plan = _settings(options, plan, overrides, "measure_similarity()")
-    sample = _sample(as_dataset(data), plan.max_images, plan.seed)
-    # penultimate rides along (same forward pass) so that case 1's sweep finds it cached.
-    # Every registered family names its logits node, so the classifier's output is always
-    # there; any error here is about the data or the model and is reported.
-    settings = ExtractSettings(**dataclasses.asdict(options), layers=PROBE_LAYERS + ("penultimate", "logits"),
-                               pool="auto", progress=plan.progress)
-    result = extract(sample, settings)
+    extraction, plan = _settings(options, plan, overrides, "measure_similarity()")
+    sample = _sample(as_dataset(data, on_error=extraction.on_error, max_pixels=extraction.max_pixels),
+                     plan.max_images, plan.seed)
+    result = extract(sample, extraction)
     with FeatureFile(result.path) as features:
         y = features.labels
         X = {name: features.load(name) for name in features.layers}
@@ -264,11 +269,11 @@ def advise(data, options: ModelOptions | None = None, plan: PlanSettings | None 
     size, seed) may be given as objects or as keyword ``overrides``. ``data_name`` is how
     the printed next command names the data (default: the data set's own name).
     """
-    options, plan = _settings(options, plan, overrides, "advise()")
-    dataset = as_dataset(data)
+    extraction, plan = _settings(options, plan, overrides, "advise()")
+    dataset = as_dataset(data, on_error=extraction.on_error, max_pixels=extraction.max_pixels)
     size = _size_evidence(dataset, plan.large_per_class)
-    similarity = measure_similarity(dataset, options, plan)
+    similarity = measure_similarity(dataset, extraction, plan)
     case = (3 if similarity["similar"] else 4) if size["large"] else (1 if similarity["similar"] else 2)
     recipe = {"case": case, **{k: v for k, v in RECIPES[case].items() if k != "arguments"}}
-    return Advice(case=case, recipe=recipe, evidence={"size": size, "similarity": similarity}, model=options.model,
-                  command=next_command(case, data_name or dataset.name, options))
+    return Advice(case=case, recipe=recipe, evidence={"size": size, "similarity": similarity},
+                  model=extraction.model, command=next_command(case, data_name or dataset.name, extraction))

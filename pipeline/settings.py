@@ -63,19 +63,20 @@ def comma_list(text) -> tuple[str, ...]:
 # ----------------------------------------------------------------------------- field marks
 def option(default, *, help: str, key: str | None = None, why: str | None = None, group: str,
            metavar: str | None = None, parse: Callable | None = None, choices=None, cli: bool = True,
-           excludes: str | None = None):
+           excludes: str | None = None, flag_help: str | None = None):
     """A settings field: its default, whether it changes the numbers, and its CLI form.
 
     Exactly one of ``key`` (the fingerprint entry this field enters) and ``why`` (why it
     changes no number) must be given. ``parse`` turns a command-line string into the
     value (default: the default's own type); a bool field becomes ``--name`` (default
     False) or ``--no-name`` (default True). ``excludes`` names a field of the same class
-    that the command line offers as the alternative (``--cv`` or ``--val``).
+    that the command line offers as the alternative (``--cv`` or ``--val``). ``flag_help``
+    is the help of a ``--no-name`` flag, which says what turning the field off does.
     """
     if (key is None) == (why is None):
         raise TypeError("a settings field needs exactly one of key= (it changes the numbers) or why= (it does not)")
     metadata = {"key": key, "why": why, "help": help, "group": group, "metavar": metavar, "parse": parse,
-                "choices": choices, "cli": cli, "excludes": excludes}
+                "choices": choices, "cli": cli, "excludes": excludes, "flag_help": flag_help}
     return field(default=default, metadata=metadata)
 
 
@@ -149,6 +150,9 @@ def _check(ok: bool, message: str) -> None:
 
 # ----------------------------------------------------------------------------- shared options
 _NO_NUMBERS = "changes how work is done, not its numbers"
+_ON_ERROR_HELP = "bad image files: fail (exit 2, naming the file) or skip (leave them out and say which)"
+_WORKERS_HELP = ("decoding processes; 0 = threads in this process between steps (None: 0 on a CPU, where the "
+                 "network already uses every core; up to 8 on CUDA)")
 
 
 @dataclass(frozen=True)
@@ -203,15 +207,11 @@ class ExtractSettings(ModelOptions):
     max_pixels: int = option(89_478_485, key="max_pixels", group="extraction", cli=False,
                              help="images with more pixels are refused (decompression-bomb guard)")
     on_error: str = option("fail", why="which files are left out is part of the data's identity", group="data",
-                           choices=("fail", "skip"),
-                           help="bad image files: fail (exit 2, naming the file) or skip (leave them out, list them "
-                                "in the report)")
+                           choices=("fail", "skip"), help=_ON_ERROR_HELP)
     batch_size: int = option(32, why=_NO_NUMBERS, group="extraction", metavar="N", parse=positive_int,
                              help="images per forward pass")
     workers: int | None = option(None, why="threads and processes decode the same pixels (tested)", group="extraction",
-                                 metavar="N", parse=int,
-                                 help="decoding processes; 0 = threads in this process between forward passes "
-                                      "(None: 0 on a CPU, up to 8 on CUDA)")
+                                 metavar="N", parse=int, help=_WORKERS_HELP)
     commit_every: int = option(256, why=_NO_NUMBERS, group="extraction", metavar="N", parse=positive_int,
                                help="commit finished rows to the cache at least every N images "
                                     "(a killed run resumes from there)")
@@ -253,7 +253,9 @@ class SweepSettings:
                        help="seed of every split, sample and initialisation")
     racing: bool = option(True, why="results are not cached", group="heads",
                           help="race the rows across folds from the first fold on: a layer x head clearly behind the "
-                               "best stops early (--no-racing runs every fold of every row)")
+                               "best stops early",
+                          flag_help="run every fold of every layer x head (by default, racing stops one that is "
+                                    "clearly behind the best after its first fold or later)")
     progress: bool = option(True, why="what is shown, not computed", group="output", cli=False,
                             help="progress bar on stderr")
 
@@ -335,18 +337,15 @@ class FinetuneSettings(ModelOptions):
                                     help="label smoothing of the cross-entropy loss")
     min_scale: float = option(0.35, key="min_scale", group="fine-tuning", metavar="A",
                               help="smallest area of the random resized crop, as a fraction of the image")
-    hflip: bool = option(True, key="hflip", group="fine-tuning",
-                         help="random horizontal flips in training (--no-hflip for text, digits, hand signs, "
-                              "anything with a handedness)")
+    hflip: bool = option(True, key="hflip", group="fine-tuning", help="random horizontal flips in training",
+                         flag_help="no random horizontal flips in training (for text, digits, hand signs, anything "
+                                   "with a handedness)")
     seed: int = option(0, key="seed", group="data", metavar="S", parse=int,
                        help="seed of every split, sample and initialisation")
     workers: int | None = option(None, why="augmentation is seeded per image: same numbers (tested)",
-                                 group="fine-tuning", metavar="N", parse=int,
-                                 help="DataLoader decoding processes; 0 = threads between steps "
-                                      "(None: 0 on a CPU, up to 8 on CUDA)")
+                                 group="fine-tuning", metavar="N", parse=int, help=_WORKERS_HELP)
     on_error: str = option("fail", why="which files are left out is part of the data's identity", group="data",
-                           choices=("fail", "skip"),
-                           help="bad image files: fail (exit 2, naming the file) or skip (leave them out)")
+                           choices=("fail", "skip"), help=_ON_ERROR_HELP)
     restart: bool = option(False, why="whether to resume, not what is computed", group="fine-tuning",
                            help="discard the checkpoints in --out instead of resuming from them")
     progress: bool = option(True, why="what is shown, not computed", group="output", cli=False,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import h5py
@@ -34,6 +35,47 @@ def test_ls_info_verify_rm(image_folder, cache_dir, capsys):
     assert main(["cache", "rm", short, "--cache-dir", str(cache_dir)]) == 0
     assert not result.path.exists()
     assert main(["cache", "info", short, "--cache-dir", str(cache_dir)]) == 2
+
+
+def test_ls_tells_entries_apart_and_shows_where_the_data_was(image_folder, cache_dir, capsys, monkeypatch):
+    extract(image_folder, cache_dir=cache_dir, **FAST)
+    extract(image_folder, cache_dir=cache_dir, pool="grid2", **{**FAST, "image_size": 72})
+    monkeypatch.chdir(image_folder.parent)
+    assert main(["cache", "ls", "--cache-dir", str(cache_dir)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:6] == ["key", "model", "weights", "size", "pooling", "data"]
+    rows = [line.split() for line in lines[2:]]
+    assert sorted((row[3], row[4]) for row in rows) == [("64", "avg"), ("72", "grid2")]
+    assert {row[2] for row in rows} == {"IMAGENET1K"} and {row[5] for row in rows} == {"data"}
+
+
+def test_default_cache_location(tmp_path, monkeypatch):
+    """--cache-dir, else $TLP_CACHE_DIR, else the checkout's cache/ (whatever the working
+    directory), else ~/.cache/tlp."""
+    from pathlib import Path
+
+    from tlp.settings import resolve_cache_dir
+
+    checkout = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    assert resolve_cache_dir(str(tmp_path / "mine")) == tmp_path / "mine"
+    monkeypatch.setenv("TLP_CACHE_DIR", str(tmp_path / "env"))
+    assert resolve_cache_dir(None) == tmp_path / "env"
+    monkeypatch.delenv("TLP_CACHE_DIR")
+    assert resolve_cache_dir(None) == checkout / "cache"
+    import shutil
+
+    installed = tmp_path / "site-packages" / "tlp"
+    shutil.copytree(checkout / "pipeline", installed, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import tlp.settings as s; "
+            "print(s.resolve_cache_dir(None))")
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code, str(installed.parent)], capture_output=True, text=True,
+                          check=True, env={k: v for k, v in os.environ.items() if k != "TLP_CACHE_DIR"})
+    assert done.stdout.strip() == str(tmp_path / "home" / ".cache" / "tlp")
 
 
 def test_verify_catches_flipped_values_and_renamed_files(image_folder, cache_dir, capsys):

@@ -74,10 +74,11 @@ def test_run_sweeps_for_small_similar_data(tmp_path, planner_cache):
 def test_run_fine_tunes_large_data(tmp_path, planner_cache):
     report, out = tmp_path / "run.json", tmp_path / "out"
     assert main(["run", "photos", "--test", "0.25", "--large-per-class", "10", "--epochs", "1",
-                 "--image-size", "64", "--cache-dir", planner_cache, "--out", str(out),
+                 "--image-size", "64", "--cache-dir", planner_cache, "--out", str(out), "--no-hflip",
                  "--report", str(report), "--quiet"]) == 0
     result = json.loads(report.read_text())
     assert result["case"] == 3 and result["stage"] == "finetune"
     assert result["recipe"]["freeze"] == 0.7 and len(result["history"]) == 1
+    assert result["recipe"]["hflip"] is False  # run hands fine-tuning's options on
     assert 0.0 <= result["best"]["test_accuracy"] <= 1.0
     assert (out / "model.pt").exists() and (out / "checkpoints" / "epoch-001.pt").exists()

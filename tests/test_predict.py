@@ -58,6 +58,35 @@ def test_predict_new_digit_files(digits_model, tmp_path):
     assert all(0.0 <= float(r["probability"]) <= 1.0 for r in rows)
 
 
+def test_predict_a_folder_prints_csv_on_stdout(digits_model, tmp_path):
+    """`tlp predict M imgs/ > preds.txt` gives the predictions as CSV, top-k columns included."""
+    import os
+    import subprocess
+    import sys
+
+    out, held_out = digits_model
+    folder = held_out[0][0].parent
+    preds = tmp_path / "preds.txt"
+    with open(preds, "w") as handle:
+        subprocess.run([sys.executable, "-m", "tlp", "predict", str(out), str(folder), "--top-k", "2"], check=True,
+                       stdout=handle, timeout=300, env={**os.environ, "TQDM_DISABLE": "1"})
+    rows = list(csv.DictReader(open(preds)))
+    assert [r["path"] for r in rows] == sorted(str(p) for p, _ in held_out)
+    assert set(rows[0]) == {"path", "label", "probability", "label_2", "probability_2"}
+    truth = {str(p): label for p, label in held_out}
+    assert sum(r["label"] == truth[r["path"]] for r in rows) >= 18
+
+
+def test_a_missing_image_cannot_be_read(digits_model, tmp_path, capsys):
+    out, held_out = digits_model
+    assert main(["predict", str(out), str(tmp_path / "gone.png")]) == 2
+    error = capsys.readouterr().err
+    assert "cannot read image" in error and "gone.png" in error and "file not found" in error
+    assert main(["predict", str(out), str(held_out[0][0]), str(tmp_path / "gone.png"), "--on-error", "skip"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("\n") == 2 and "gone.png" in captured.err  # header + one row; the skip is logged
+
+
 def test_tampered_head_is_refused_without_unpickling(digits_model, tmp_path, monkeypatch, capsys):
     import shutil
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..dataset import Dataset
-from ..device import autocast, default_workers, resolve_device, resolve_precision
+from ..device import autocast, default_workers, resolve_device, resolve_precision, tune_cpu_allocator
 from ..errors import TlpInputError
 from ..files import fingerprint
 from ..forward import Forward, batches
@@ -205,6 +205,7 @@ def train(parts: Parts, settings: FinetuneSettings, recipe: Recipe, *, out: Path
     dataset = parts.dataset
     network = prepare_network(spec, len(dataset.classes), freeze=recipe.freeze, from_scratch=settings.from_scratch,
                               seed=settings.seed)
+    tune_cpu_allocator()
     network.model.to(device=device, memory_format=torch.channels_last)
     optimizer = _optimizer(network, settings)
     steps_per_epoch = max(1, len(parts.train) // settings.batch_size + (len(parts.train) % settings.batch_size >= 2))
@@ -249,6 +250,7 @@ def train(parts: Parts, settings: FinetuneSettings, recipe: Recipe, *, out: Path
         "backbone_lr_mult": 1.0 if settings.from_scratch else settings.backbone_lr_mult, "epochs": settings.epochs,
         "batch_size": settings.batch_size, "precision": precision, "classifier": network.classifier,
         "optimizer": "AdamW", "schedule": "linear warm-up + cosine", "label_smoothing": settings.label_smoothing,
+        "hflip": settings.hflip,
     }
     return FinetuneResult(
         model=spec.name, case=recipe.case, classes=list(dataset.classes), n_train=len(parts.train),
