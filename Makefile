@@ -20,7 +20,7 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m pipeline demo
+	$(PY) -m tlp demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

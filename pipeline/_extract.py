@@ -141,8 +141,9 @@ def _plan(settings: ExtractSettings, dataset) -> tuple[_Plan, Dataset]:
     layer_fps = {tap.name: _layer_fingerprint(extractor_fp, tap, pools[tap.name]) for tap in taps}
     key_spec = {"extractor": extractor, "layers": layer_entries, "data": dataset.identity(),
                 "skipped_before_extraction": [s.to_dict() for s in dataset.skipped]}
-    plan = _Plan(spec, device, precision, taps, pools, key_spec, fingerprint(key_spec), layer_fps,
-                 fingerprint({"extractor": extractor_fp, "layers": sorted(layer_fps.values())}))
+    plan = _Plan(spec=spec, device=device, precision=precision, taps=taps, pools=pools, key_spec=key_spec,
+                 key=fingerprint(key_spec), layer_fps=layer_fps,
+                 run_fp=fingerprint({"extractor": extractor_fp, "layers": sorted(layer_fps.values())}))
     return plan, dataset
 
 
@@ -202,7 +203,7 @@ def extract(data, settings: ExtractSettings | None = None, **overrides) -> Extra
             if remaining:
                 raise FileNotFoundError(f"{len(remaining)} images lost their rows")
             metas = _layer_metas(plan, new_metas, sources)
-            _assemble(final, plan, dataset, rows, metas, skipped, settings)
+            _assemble(final, plan, dataset, settings, rows=rows, metas=metas, skipped=skipped)
             break
         except (FileNotFoundError, KeyError, OSError) as error:
             if attempt == 2:
@@ -333,7 +334,7 @@ def _meta(tap: Tap, fp: str, shape: tuple[int, ...], pooling: str, crop: int) ->
 
 
 # ----------------------------------------------------------------------------- assembly
-def _assemble(final: Path, plan: _Plan, dataset: Dataset, rows, metas, skipped, settings: ExtractSettings) -> None:
+def _assemble(final: Path, plan: _Plan, dataset: Dataset, settings: ExtractSettings, *, rows, metas, skipped) -> None:
     skipped_paths = {s["path"] for s in skipped}
     kept = [item for item in dataset.items if item.path not in skipped_paths]
     if len(kept) != len(rows):

@@ -328,7 +328,8 @@ def _extracted(data, test, settings: SweepSettings, extraction: ExtractSettings)
         held_result = extract(test_part, extraction)
         held, _ = _from_file(held_result.path)
         seconds += held_result.seconds
-    return _Inputs(train, held, result.model, result.path, extraction.weights, result, seconds)
+    return _Inputs(train, held, result.model, cache_file=result.path, weights=extraction.weights, extract=result,
+                   extract_seconds=seconds)
 
 
 # ----------------------------------------------------------------------------- results

@@ -316,20 +316,26 @@ def _suggest(parser: argparse.ArgumentParser, args, unknown: list[str]) -> str:
     return f"unrecognized arguments: {' '.join(unknown)}" + (f"; {' '.join(hints)}" if hints else "")
 
 
-_handler: logging.Handler | None = None
-
-
-def _configure_logging(verbose: bool, quiet: bool) -> None:
+class _Logging:
     """The CLI, not the library, decides what is logged: INFO by default, DEBUG with -v,
-    nothing below ERROR with -q; always to the current stderr."""
-    global _handler
-    root = logging.getLogger("tlp")
-    if _handler is not None:
-        root.removeHandler(_handler)
-    _handler = logging.StreamHandler(sys.stderr)
-    _handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    root.addHandler(_handler)
-    root.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.INFO)
+    nothing below ERROR with -q; to the stderr of the moment. Undone when the command
+    ends, so a program (or test) calling ``main`` keeps its own logging."""
+
+    def __init__(self, verbose: bool, quiet: bool):
+        self.logger = logging.getLogger("tlp")
+        self.level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.INFO
+
+    def __enter__(self):
+        self.previous = self.logger.level
+        self.handler = logging.StreamHandler(sys.stderr)
+        self.handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        self.logger.addHandler(self.handler)
+        self.logger.setLevel(self.level)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.logger.removeHandler(self.handler)
+        self.logger.setLevel(self.previous)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -341,8 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         args, unknown = parser.parse_known_args(argv)
         if unknown:
             raise TlpInputError(f"tlp {args.verb}: {_suggest(parser, args, unknown)}")
-        _configure_logging(args.verbose, args.quiet)
-        return int(args.func(args) or 0)
+        with _Logging(args.verbose, args.quiet):
+            return int(args.func(args) or 0)
     except SystemExit as done:  # --help, --version
         return int(done.code or 0)
     except TlpInputError as error:

@@ -256,7 +256,7 @@ def fine_points(n_points: int, center: int) -> list[int]:
     return below + above
 
 
-def grid_scores(name: str, grid: list[dict], X_train, y_train, X_val, y_val, seed: int = 0, *,
+def grid_scores(name: str, grid: list[dict], X_train, y_train, X_val, y_val, *, seed: int = 0,
                 phase: str = "all", center: int | None = None, start=None, only=None) -> GridScores:
     """Validation accuracy (and per-sample correctness) for every grid point.
 
@@ -276,8 +276,8 @@ def grid_scores(name: str, grid: list[dict], X_train, y_train, X_val, y_val, see
     split = _Split(transform.transform(X_train), transform.transform(X_val))
     y_val = np.asarray(y_val)
     if head.warm_start:
-        return _path_scores(head, grid, split, y_train, y_val, seed, phase, center, start)
-    return _independent_scores(head, grid, split, y_train, y_val, seed, only)
+        return _path_scores(head, grid, split, (y_train, y_val), seed=seed, phase=phase, center=center, start=start)
+    return _independent_scores(head, grid, split, (y_train, y_val), seed=seed, only=only)
 
 
 class _Fits:
@@ -297,7 +297,8 @@ class _Fits:
         return self.result.scores[index]
 
 
-def _independent_scores(head: Head, grid, split: _Split, y_train, y_val, seed, only=None) -> GridScores:
+def _independent_scores(head: Head, grid, split: _Split, labels, *, seed, only=None) -> GridScores:
+    y_train, y_val = labels
     fits = _Fits(len(grid), y_val)
     path_scores: list[float] = []  # scores of the path points fitted so far, in order
     wanted = set(range(len(grid)) if only is None else only)
@@ -314,7 +315,8 @@ def _independent_scores(head: Head, grid, split: _Split, y_train, y_val, seed, o
     return fits.result
 
 
-def _path_scores(head: Head, grid, split: _Split, y_train, y_val, seed, phase, center, start) -> GridScores:
+def _path_scores(head: Head, grid, split: _Split, labels, *, seed, phase, center, start) -> GridScores:
+    y_train, y_val = labels
     fits = _Fits(len(grid), y_val)
     estimator, train, val = head.form(grid[0], seed, split)
     estimator.set_params(warm_start=True)

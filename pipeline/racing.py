@@ -199,7 +199,7 @@ def _fold_task(task: _FoldTask):
     _freeze_worker_imports()
     started = time.perf_counter()
     scores = grid_scores(task.head, task.grid, task.X[task.train], task.y[task.train], task.X[task.val],
-                         task.y[task.val], task.seed, phase=task.phase, center=task.center, start=task.start,
+                         task.y[task.val], seed=task.seed, phase=task.phase, center=task.center, start=task.start,
                          only=task.only)
     return "fold", (task.layer, task.head), (task.fold, scores, time.perf_counter() - started)
 
@@ -231,7 +231,7 @@ def _refit_task(task: _RefitTask):
     else:
         estimator = None
         accuracy = grid_scores(task.head, [task.params], task.X_train, task.y_train, task.X_test, task.y_test,
-                               task.seed).scores[0]
+                               seed=task.seed).scores[0]
     return "refit", (task.layer, task.head), (estimator, accuracy, time.perf_counter() - started)
 
 
@@ -362,8 +362,9 @@ def _fold_jobs(cell: Cell, fold_indices, problem: Problem):
     only = None if warm_start or not cell.folds else np.flatnonzero(np.isfinite(cell.means())).tolist()
     for f in fold_indices:
         train, val = problem.folds[f]
-        yield cost, delayed(_fold_task)(_FoldTask(cell.layer, cell.head, f, X, problem.y_train, train, val, cell.grid,
-                                                  problem.seed, phase, cell.center, None, only))
+        task = _FoldTask(layer=cell.layer, head=cell.head, fold=f, X=X, y=problem.y_train, train=train, val=val,
+                         grid=cell.grid, seed=problem.seed, phase=phase, center=cell.center, only=only)
+        yield cost, delayed(_fold_task)(task)
 
 
 def _fine_jobs(cell: Cell, problem: Problem):
@@ -371,8 +372,9 @@ def _fine_jobs(cell: Cell, problem: Problem):
     fold_indices, cell.coarse_only = cell.coarse_only, []
     for f in fold_indices:
         train, val = problem.folds[f]
-        task = _FoldTask(cell.layer, cell.head, f, problem.train_X[cell.layer], problem.y_train, train, val, cell.grid,
-                         problem.seed, "fine", cell.center, cell.folds[f].solutions[cell.center])
+        task = _FoldTask(layer=cell.layer, head=cell.head, fold=f, X=problem.train_X[cell.layer], y=problem.y_train,
+                         train=train, val=val, grid=cell.grid, seed=problem.seed, phase="fine", center=cell.center,
+                         start=cell.folds[f].solutions[cell.center])
         yield cell.task_seconds() / 2, delayed(_fold_task)(task)
 
 
@@ -380,6 +382,7 @@ def _refit_job(cell: Cell, problem: Problem, plain: bool):
     """(expected seconds, task) of a cell's refit with its best parameters."""
     # One grid point on all the training part: about a fold task's share per point, x2.
     cost = cell.task_seconds() / max(1, int(np.isfinite(cell.means()).sum())) * 2
-    task = _RefitTask(cell.layer, cell.head, cell.grid[cell.best()], problem.train_X[cell.layer], problem.y_train,
-                      problem.test_X[cell.layer], problem.y_test, problem.seed, plain)
+    task = _RefitTask(layer=cell.layer, head=cell.head, params=cell.grid[cell.best()],
+                      X_train=problem.train_X[cell.layer], y_train=problem.y_train, X_test=problem.test_X[cell.layer],
+                      y_test=problem.y_test, seed=problem.seed, plain=plain)
     return cost, delayed(_refit_task)(task)

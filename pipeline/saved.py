@@ -26,7 +26,8 @@ from .errors import TlpInputError
 from .featurefile import FeatureFile
 from .files import atomic_file, file_sha256, library_versions, torch_save, write_json
 
-__all__ = ["SPEC_NAME", "HEAD_NAME", "WEIGHTS_NAME", "HEAD_FORMAT", "FINETUNED_FORMAT", "SavedHead", "SavedFinetuned",
+__all__ = ["SPEC_NAME", "HEAD_NAME", "WEIGHTS_NAME", "HEAD_FORMAT", "FINETUNED_FORMAT", "SavedModel", "SavedHead",
+           "SavedFinetuned",
            "save_head", "save_finetuned", "load_model"]
 
 SPEC_NAME = "model.json"
@@ -43,12 +44,11 @@ def _versions() -> dict:
 
 
 @dataclass
-class SavedHead:
-    """A loaded, verified head on cached features (``tlp sweep --out``)."""
+class SavedModel:
+    """A loaded, verified saved model folder and its spec."""
 
     directory: Path
     spec: dict
-    estimator: object
 
     @property
     def classes(self) -> list[str]:
@@ -56,16 +56,17 @@ class SavedHead:
 
 
 @dataclass
-class SavedFinetuned:
-    """A loaded, verified fine-tuned network (``tlp finetune --out``)."""
+class SavedHead(SavedModel):
+    """A head on cached features (``tlp sweep --out``)."""
 
-    directory: Path
-    spec: dict
-    state_dict: dict
+    estimator: object = None
 
-    @property
-    def classes(self) -> list[str]:
-        return list(self.spec["classes"])
+
+@dataclass
+class SavedFinetuned(SavedModel):
+    """A fine-tuned network (``tlp finetune --out``)."""
+
+    state_dict: dict | None = None
 
 
 # ----------------------------------------------------------------------------- writing

@@ -223,8 +223,10 @@ def train(parts: Parts, settings: FinetuneSettings, recipe: Recipe, *, out: Path
 
     train_started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
-        run = _Run(network, optimizer, scheduler, scaler, nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing),
-                   DecodedImages(dataset, spec.preprocessing), dataset.labels, settings, device, precision, pool)
+        run = _Run(network=network, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                   criterion=nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing),
+                   images=DecodedImages(dataset, spec.preprocessing), labels=dataset.labels, settings=settings,
+                   device=device, precision=precision, pool=pool)
         while not state.finished and state.epoch < settings.epochs:
             row = _train_epoch(run, parts.train, state.epoch + 1)
             if parts.val:
