@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-import tlp
+from tlp import __version__ as tlp_version
 from tlp import finetune, load_dataset
 from tlp.files import write_json
 from tlp.finetuning.surgery import build_finetune_model
@@ -167,7 +167,7 @@ def build_report(args, data_name: str, tutorial: dict, tlp: dict, tlp_fp32: dict
         "settings": {"data": data_name, "model": MODEL, "image_size": args.image_size, "batch_size": args.batch_size,
                      "epochs": args.epochs, "n_train": args.n_train, "n_test": args.n_test, "seed": args.seed},
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "python": platform.python_version(), "torch": torch.__version__, "tlp": tlp.__version__,
+                    "python": platform.python_version(), "torch": torch.__version__, "tlp": tlp_version,
                     "cpu_busy_before": busy[0], "cpu_busy_after": busy[1]},
     }
     if tlp_fp32 is not None:

@@ -96,16 +96,19 @@ TARGETS = {"speedup_at_least": 5.0, "abs_accuracy_gap_points_at_most": 0.5}
 
 # ----------------------------------------------------------------------------- data
 def load_features(cache_dir: Path, layers: tuple[str, ...]):
-    """Extract (or reuse) the features of the training and test halves, exactly as
-    ``tlp.sweep(DATA, test=TEST_FRACTION)`` splits and extracts them (so tlp's timed calls
-    are cache hits); return (extract results, {layer: X_train}, y_train)."""
-    train, test = tlp.split(tlp.load_dataset(DATA), TEST_FRACTION, SEED)
-    results = [tlp.extract(part, image_size=IMAGE_SIZE, pool=POOL, layers=layers, cache_dir=str(cache_dir),
-                           progress=False) for part in (train, test)]
-    with tlp.FeatureFile(results[0].path) as features:
-        X = {name: features.load(name) for name in layers}
-        y = features.labels
-    return results, X, y
+    """Extract (or reuse) the features as ``tlp.sweep(DATA, test=TEST_FRACTION)`` does (the
+    whole data set, one cache file), so tlp's timed calls are cache hits; return
+    (extract result, {layer: X_train}, y_train) for the training half that ``tlp.split`` holds."""
+    dataset = tlp.load_dataset(DATA)
+    train, _test = tlp.split(dataset, TEST_FRACTION, SEED)
+    result = tlp.extract(dataset, image_size=IMAGE_SIZE, pool=POOL, layers=layers, cache_dir=str(cache_dir),
+                         progress=False)
+    with tlp.FeatureFile(result.path) as features:
+        row = {path: i for i, path in enumerate(features.paths)}
+        rows = np.asarray([row[item.path] for item in train.items])
+        X = {name: features.load(name)[rows] for name in layers}
+        y = features.labels[rows]
+    return result, X, y
 
 
 def _warm_worker() -> int:
@@ -358,8 +361,8 @@ def run(args, cache_dir: Path) -> dict:
         print(f"warning: {busy_before:.0%} of the CPU is busy before starting; other processes will skew the numbers")
     extracted, X_train, y_train = load_features(cache_dir, args.layers)
     dims = {name: int(values.shape[1]) for name, values in X_train.items()}
-    print(f"{DATA}: {len(y_train)} training images, layers {dims} (extracted "
-          f"{sum(r.n_extracted for r in extracted)} in {sum(r.seconds for r in extracted):.1f} s)")
+    print(f"{DATA}: {len(y_train)} training images, layers {dims} (extracted {extracted.n_extracted} in "
+          f"{extracted.seconds:.1f} s)")
     # Exactly the sweep's folds (tlp.sweep makes them with this function and seed 0).
     folds = cv_folds(y_train, CV, None, SEED)
     grids = {head: head_grid(head, y_train) for head in args.heads}

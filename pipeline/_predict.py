@@ -53,8 +53,7 @@ class Predictions:
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(self.header())
-        writer.writerows([[value if not isinstance(value, float) else f"{value:.6g}" for value in row]
-                          for row in self.table()])
+        writer.writerows(self.table())
         text = buffer.getvalue()
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -114,6 +113,19 @@ def _run(forward: Forward, paths: list[str], prep, batch_size: int, on_error: st
     return [paths[i] for i in kept], outputs, skipped
 
 
+def _check_preprocessing(model_spec, spec: dict, directory) -> None:
+    """The network resolved from model.json must prepare pixels as the saved model's
+    training did; a name that resolves to other preprocessing would predict silently wrong."""
+    import json
+
+    expected = spec.get("preprocessing")
+    if expected is not None and json.loads(json.dumps(model_spec.preprocessing.to_dict())) != expected:
+        raise TlpInputError(
+            f"{spec['model']} now resolves to preprocessing {model_spec.preprocessing.to_dict()}, but the model in "
+            f"{str(directory)!r} was trained with {expected}; re-run the command that wrote it with --model "
+            "naming the weights (e.g. resnet50:IMAGENET1K_V1)")
+
+
 def predict(model_dir: str | os.PathLike, images, *, top_k: int = 1, batch_size: int = 32, device: str = "auto",
             on_error: str = "fail") -> Predictions:
     """Labels of a saved model (a ``tlp sweep --out`` or ``tlp finetune --out`` folder) for
@@ -124,6 +136,7 @@ def predict(model_dir: str | os.PathLike, images, *, top_k: int = 1, batch_size:
     paths = image_paths(images)
     spec = saved.spec
     model_spec = resolve_model(spec["model"], weights=spec.get("weights"), image_size=spec.get("image_size"))
+    _check_preprocessing(model_spec, spec, saved.directory)
     torch_device = resolve_device(device)
     if isinstance(saved, SavedFinetuned):
         from .finetuning.surgery import build_finetune_model

@@ -20,7 +20,7 @@ from typing import Callable
 from .data import as_dataset, split
 from .dataset import Dataset
 from .plan import Advice, advise
-from .settings import ExtractSettings, FinetuneSettings, ModelOptions, PlanSettings, SweepSettings, route_options
+from .settings import ExtractSettings, FinetuneSettings, PlanSettings, SweepSettings, route_options
 
 __all__ = ["RunOutcome", "run", "RUN_SETTINGS"]
 
@@ -72,13 +72,12 @@ def run(data, *, test=None, out: str | Path | None = None, say: Callable[[str], 
     started = time.perf_counter()
     routed = route_options(options, RUN_SETTINGS, "run()")
     extraction = ExtractSettings(**{"pool": "auto", **routed[ExtractSettings]}).validated()
-    sweeping = SweepSettings(**routed[SweepSettings])
+    sweeping = SweepSettings(**routed[SweepSettings]).validated()
     planning = PlanSettings(**routed[PlanSettings])
     seed = sweeping.seed  # one seed for every stage: route_options gave each the same value
     dataset = as_dataset(data, on_error=extraction.on_error, max_pixels=extraction.max_pixels)
     training, test_part = split(dataset, test, seed, on_error=extraction.on_error, max_pixels=extraction.max_pixels)
-    model_options = ModelOptions(**{f.name: getattr(extraction, f.name) for f in dataclasses.fields(ModelOptions)})
-    advice = advise(training, model_options, planning, data_name=None if isinstance(data, Dataset) else str(data))
+    advice = advise(training, extraction, planning, data_name=None if isinstance(data, Dataset) else str(data))
     timings = {"advise_seconds": time.perf_counter() - started}
     if say is not None:
         say(advice.summary())

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .data import as_dataset, split, stratified_split
+from .dataset import Dataset
 from .errors import TlpInputError
 from .featurefile import FeatureFile
 from .heads import head_grid
@@ -233,17 +234,27 @@ class _Features:
     layers: dict[str, np.ndarray]  # layer -> (N, D) float32
     labels: np.ndarray  # (N,) class indices
     classes: list[str]
+    paths: list[str] | None = None  # the image of each row, for features read from a cache file
 
     def rows(self, positions) -> "_Features":
-        return _Features({k: v[positions] for k, v in self.layers.items()}, self.labels[positions], self.classes)
+        paths = None if self.paths is None else [self.paths[i] for i in positions]
+        return _Features({k: v[positions] for k, v in self.layers.items()}, self.labels[positions], self.classes,
+                         paths)
+
+    def part(self, dataset: Dataset) -> "_Features":
+        """The rows of ``dataset``'s images, in its order (an image that could not be
+        decoded has no row and is left out)."""
+        row = {path: i for i, path in enumerate(self.paths)}
+        return self.rows(np.asarray([row[item.path] for item in dataset.items if item.path in row], dtype=np.int64))
 
 
 @dataclass
 class _Inputs:
     train: _Features
     test: _Features  # empty (0 rows) without a test part
-    model: str
+    model: str  # the network's name, as the cache file records it
     cache_file: Path | None = None  # the training features' cache file: what a saved winner names
+    model_option: str | None = None  # the --model that made them (None: as recorded)
     weights: str | None = None  # the --weights that made them
     extract: ExtractResult | None = None
     extract_seconds: float = 0.0
@@ -253,7 +264,7 @@ def _from_file(path) -> tuple[_Features, dict]:
     """A cache file's layers, labels and classes, and its root attributes."""
     with FeatureFile(path) as features:
         loaded = _Features({name: features.load(name) for name in features.layers}, features.labels,
-                           features.classes)
+                           features.classes, features.paths)
         return loaded, features.attrs
 
 
@@ -283,6 +294,9 @@ def _held_out(train: _Features, test, seed: int) -> tuple[_Features, _Features]:
     """A fraction or count of feature rows held out (the stratified split images get)."""
     if test is None:
         return train, train.rows(np.arange(0))
+    if isinstance(test, bool) or not isinstance(test, (int, float, np.integer, np.floating)):
+        raise TlpInputError(f"with features as data, test must be a fraction, a count, (X_test, y_test) or a "
+                            f"cache file, got {test!r}")
     kept, held = stratified_split(train.labels, test, seed, "test")
     return train.rows(kept), train.rows(held)
 
@@ -313,23 +327,40 @@ def _by_name(features: _Features, classes: list[str], source) -> np.ndarray:
 
 
 def _extracted(data, test, settings: SweepSettings, extraction: ExtractSettings) -> _Inputs:
-    """Images: split once (see tlp.data.split), then extract (or reuse) each part."""
+    """Images: split once (see tlp.data.split), then extract (or reuse) what the parts need.
+
+    When the two parts are the whole of one scanned data set (``--test FRACTION``, or the
+    parts ``run`` hands on), that data set is extracted as one cache file and each part
+    takes its rows from it; otherwise each part is extracted on its own.
+    """
     from ._extract import extract
 
     extraction = extraction.validated()
     dataset = as_dataset(data, on_error=extraction.on_error, max_pixels=extraction.max_pixels)
     training, test_part = split(dataset, test, settings.seed, on_error=extraction.on_error,
                                 max_pixels=extraction.max_pixels)
-    result = extract(training, extraction)
-    train, _ = _from_file(result.path)
+    whole = _whole_of(training, test_part)
+    result = extract(whole if whole is not None else training, extraction)
+    features, _ = _from_file(result.path)
     seconds = result.seconds
-    held = train.rows(np.arange(0))
-    if test_part is not None:
-        held_result = extract(test_part, extraction)
-        held, _ = _from_file(held_result.path)
-        seconds += held_result.seconds
-    return _Inputs(train, held, result.model, cache_file=result.path, weights=extraction.weights, extract=result,
-                   extract_seconds=seconds)
+    if whole is not None:
+        train, held = features.part(training), features.part(test_part)
+    else:
+        train, held = features, features.rows(np.arange(0))
+        if test_part is not None:
+            held_result = extract(test_part, extraction)
+            held, _ = _from_file(held_result.path)
+            seconds += held_result.seconds
+    return _Inputs(train, held, result.model, cache_file=result.path, model_option=extraction.model,
+                   weights=extraction.weights, extract=result, extract_seconds=seconds)
+
+
+def _whole_of(training: Dataset, test_part: Dataset | None) -> Dataset | None:
+    """The scanned data set that the two parts together make up, if they do."""
+    source = training.source
+    if test_part is None or source is None or test_part.source is not source:
+        return None
+    return source if sorted(training.origin + test_part.origin) == list(range(len(source.items))) else None
 
 
 # ----------------------------------------------------------------------------- results
@@ -399,4 +430,4 @@ def _write_outputs(result: SweepResult, out: Path, held: _Features, inputs: _Inp
         return
     with FeatureFile(inputs.cache_file) as features:
         save_head(out, result.best_estimator, head=best["head"], params=best["params"], layer=best["layer"],
-                  features=features, weights=inputs.weights)
+                  features=features, model=inputs.model_option or inputs.model, weights=inputs.weights)

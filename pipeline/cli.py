@@ -60,9 +60,9 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message):
-        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        choice = re.search(r"invalid choice: '?([^' ]*)'? \(choose from (.*)\)", message)
         if choice:
-            options = re.findall(r"'([^']*)'", choice.group(2))
+            options = [option.strip().strip("'") for option in choice.group(2).split(",")]
             close = difflib.get_close_matches(choice.group(1), options, n=1)
             if close:
                 message += f"; did you mean {close[0]!r}?"

@@ -103,6 +103,8 @@ def split(dataset: Dataset, test, seed: int = 0, *, on_error: str = "fail",
                 dataset.subset(held, f"{dataset.name} (test part)"))
     separate = as_dataset(test, on_error=on_error, max_pixels=max_pixels)
     labels = labels_by_class_name(separate.labels, separate.classes, dataset.classes, separate.name)
+    if separate.classes == dataset.classes:  # already the training classes (a part handed on by `run`)
+        return dataset, separate
     items = [Item(item.path, int(label), item.digest) for item, label in zip(separate.items, labels)]
     return dataset, Dataset(name=separate.name, kind=separate.kind, classes=list(dataset.classes), items=items,
                             skipped=separate.skipped, root=separate.root, reader=separate.reader)

@@ -51,6 +51,9 @@ class Dataset:
     skipped: list[Skipped] = field(default_factory=list)
     root: Path | None = None  # folder that relative item paths are under (None for built-ins)
     reader: Callable[[str], bytes] | None = field(default=None, repr=False)  # item path -> encoded bytes
+    # A part cut from a scanned data set (subset) remembers where its items came from:
+    source: "Dataset | None" = field(default=None, repr=False, compare=False)  # the data set as scanned
+    origin: list[int] | None = field(default=None, repr=False, compare=False)  # each item's position there
 
     def read_bytes(self, item: Item) -> bytes:
         """The encoded bytes of one item (what ``digest`` was computed from)."""
@@ -63,8 +66,16 @@ class Dataset:
 
     def subset(self, positions, name: str) -> "Dataset":
         """The items at ``positions`` (in that order) as a data set of their own, for
-        samples and training parts; files skipped by the scan stay with the whole."""
-        return dataclasses.replace(self, name=name, items=[self.items[i] for i in positions], skipped=[])
+        samples and training parts; files skipped by the scan stay with the whole, which
+        the part names as its ``source`` (with each item's position there, ``origin``)."""
+        positions = [int(i) for i in positions]
+        return dataclasses.replace(self, name=name, items=[self.items[i] for i in positions], skipped=[],
+                                   source=self.source or self, origin=[self.position(i) for i in positions])
+
+    def position(self, index: int) -> int:
+        """Where item ``index`` stands in the data set as scanned: what identifies an image
+        within its data set however it was split (fine-tuning seeds its augmentation by it)."""
+        return index if self.origin is None else self.origin[index]
 
     def identity(self) -> dict:
         """What decides the cached index: classes and (path, label, digest) per item."""

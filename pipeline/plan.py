@@ -37,7 +37,7 @@ from .dataset import Dataset
 from .errors import TlpInputError
 from .settings import DEFAULT_MODEL, ExtractSettings, ModelOptions, PlanSettings, resolve_cache_dir, route_options
 
-__all__ = ["Advice", "advise", "measure_similarity", "next_command", "RECIPES", "ADVISE_MAX_IMAGES"]
+__all__ = ["Advice", "advise", "measure_similarity", "next_command", "RECIPES", "LARGE_PER_CLASS", "ADVISE_MAX_IMAGES"]
 
 # A data set is "large" when its median class holds at least PlanSettings.large_per_class
 # (500) images: from there on, fine-tuning millions of weights stops overfitting and beats
@@ -46,6 +46,7 @@ __all__ = ["Advice", "advise", "measure_similarity", "next_command", "RECIPES", 
 # stratified, seeded sample): the signals are averages that settle long before, and
 # advising stays cheap.
 ADVISE_MAX_IMAGES = PlanSettings.max_images
+LARGE_PER_CLASS = PlanSettings.large_per_class
 # The pretrained classifier's thresholds. Measured with efficientnet_lite0: mean top-1
 # probability 0.11 on digits at 224 px, 0.83 at 64 px, 0.48 on the `photos` set; label
 # information 0.13 and 0.23 on digits, 1.0 on photos (tests/test_plan.py).
@@ -75,7 +76,7 @@ RECIPES = {
 
 def next_command(case: int, data: str, options: ModelOptions) -> str:
     """The command that carries out the case's recipe on ``data`` with the user's model
-    options (those that differ from the defaults), ready to paste."""
+    options and error policy (those that differ from the defaults), ready to paste."""
     recipe = RECIPES[case]
     words = ["tlp", "sweep" if recipe["stage"] == "sweep" else "finetune", data, *recipe["arguments"]]
     default_cache = str(resolve_cache_dir(None))
@@ -85,6 +86,8 @@ def next_command(case: int, data: str, options: ModelOptions) -> str:
             continue
         flag = "--" + item.name.replace("_", "-")
         words += [flag] if value is True else [flag, str(value)]
+    if getattr(options, "on_error", "fail") != "fail":
+        words += ["--on-error", options.on_error]
     return " ".join(shlex.quote(word) for word in words)
 
 
@@ -176,9 +179,8 @@ def _settings(options, plan, overrides, where: str) -> tuple[ExtractSettings, Pl
     # The planner's own taps; penultimate rides along (same forward pass) so that case 1's
     # sweep finds it cached. Every registered family names its logits node, so the
     # classifier's output is always there.
-    extraction = dataclasses.replace(options, **routed[ExtractSettings], layers=PROBE_LAYERS + ("penultimate", "logits"),
-                                     pool="auto", progress=plan.progress)
-    return extraction.validated(), plan
+    fixed = {"layers": PROBE_LAYERS + ("penultimate", "logits"), "pool": "auto", "progress": plan.progress}
+    return dataclasses.replace(options, **{**routed[ExtractSettings], **fixed}).validated(), plan
 
 
 def measure_similarity(data, options: ModelOptions | None = None, plan: PlanSettings | None = None,

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
-__all__ = ["format_table"]
+from .files import write_json
+
+__all__ = ["format_table", "write_report"]
+
+write_report = write_json  # the spelling before tlp.files held every writer
 
 
 def format_table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:

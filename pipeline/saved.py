@@ -71,12 +71,13 @@ class SavedFinetuned(SavedModel):
 
 # ----------------------------------------------------------------------------- writing
 def save_head(directory: str | os.PathLike, estimator, *, head: str, params: dict, layer: str,
-              features: FeatureFile, weights: str | None) -> Path:
+              features: FeatureFile, model: str, weights: str | None) -> Path:
     """Write ``head.joblib`` and ``model.json`` into ``directory``; returns the spec path.
 
     Everything about the features comes from the cache file they were read from;
-    ``weights`` is the ``--weights`` value the extraction used (a file path, ``"none"``
-    or None), which prediction needs to build the same network.
+    ``model`` and ``weights`` are the ``--model`` and ``--weights`` values the extraction
+    used (``resnet50:IMAGENET1K_V1``, a weights file, ``"none"`` or None), which
+    prediction needs to build the same network with the same preprocessing.
     """
     import joblib
 
@@ -87,7 +88,7 @@ def save_head(directory: str | os.PathLike, estimator, *, head: str, params: dic
         joblib.dump(estimator, temp)
     meta, attrs = features.layer_meta(layer), features.attrs
     return write_json(directory / SPEC_NAME, {
-        "format": HEAD_FORMAT, "model": attrs["model"], "weights": weights, "weights_id": attrs["weights_id"],
+        "format": HEAD_FORMAT, "model": model, "weights": weights, "weights_id": attrs["weights_id"],
         "weights_sha256": attrs["weights_sha256"], "image_size": attrs["preprocessing"]["crop_size"],
         "preprocessing": attrs["preprocessing"], "precision": attrs["precision"], "layer": layer, "node": meta.node,
         "pooling": meta.pooling, "storage_dtype": str(features.stored_dtype(layer)), "classes": features.classes,

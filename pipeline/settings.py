@@ -262,7 +262,7 @@ class SweepSettings:
     def validated(self) -> "SweepSettings":
         from .heads import check_heads  # here: heads imports scikit-learn
 
-        _check(isinstance(self.cv, int) and self.cv >= 2, f"--cv must be at least 2, got {self.cv}")
+        _check(self.val is not None or (isinstance(self.cv, int) and self.cv >= 2), f"--cv must be at least 2, got {self.cv}")
         _check(self.val is None or 0.0 < self.val < 1.0, f"--val must be a fraction between 0 and 1, got {self.val}")
         return dataclasses.replace(self, heads=tuple(check_heads(comma_list(self.heads))))
 

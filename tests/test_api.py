@@ -96,16 +96,37 @@ def test_library_logs_nothing_unless_asked():
     assert done.stderr == ""
 
 
-def test_the_old_import_name_gives_the_same_modules():
+def test_the_old_import_name_gives_the_same_modules(tmp_path):
+    """From any folder, as the installed import name was pipeline before 0.2."""
     code = ("import pipeline, tlp\n"
             "from pipeline.cli import main\n"
             "import tlp.cli, pipeline.settings, tlp.settings\n"
             "assert pipeline is tlp and main is tlp.cli.main and pipeline.settings is tlp.settings\n"
             "assert tlp.cli.__spec__.name == 'tlp.cli'\n")
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
-    done = subprocess.run([sys.executable, "-m", "pipeline", "--version"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60)
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=60)
+    done = subprocess.run([sys.executable, "-m", "pipeline", "--version"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
     assert done.stdout.strip() == f"tlp {tlp.__version__}"
+
+
+def test_images_with_a_test_fraction_make_one_cache_file_and_report_every_skip(image_folder, cache_dir):
+    """As before the split moved into tlp.split: the whole data set is extracted once, and
+    a file that fails to decode is reported whichever part it fell in."""
+    (image_folder / "owl" / "empty.jpg").write_bytes(b"")
+    cut = image_folder / "dog" / "img_0100.jpg"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    result = tlp.sweep(image_folder, test=0.25, cv=2, heads=["knn"], cache_dir=cache_dir, on_error="skip", **FAST)
+    assert len(list(cache_dir.glob("*.h5"))) == 1
+    assert {s["path"] for s in result.extract.skipped} == {"owl/empty.jpg", "dog/img_0100.jpg"}
+    assert result.n_train + result.n_test == 23 and result.extract.n_images == 23
+
+
+def test_advise_takes_the_keywords_it_took_before(image_folder, cache_dir):
+    advice = tlp.advise(image_folder, image_size=64, cache_dir=cache_dir, large_per_class=5, seed=0, precision="bf16",
+                        progress=False)
+    assert advice.case in (3, 4) and advice.evidence["size"]["large"]
+    assert advice.command.startswith(f"tlp finetune {image_folder} --case {advice.case}")
+    assert "--image-size 64 --precision bf16" in advice.command
 
 
 def test_keyword_options_are_checked_by_name():

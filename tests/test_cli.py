@@ -95,18 +95,22 @@ def test_json_report_on_stdout_parses(image_folder, cache_dir):
 
 
 def test_run_takes_every_option_of_the_stages_it_calls(image_folder, cache_dir, tmp_path):
-    """The redesign's done-when command, on a folder with one bad file."""
+    """The redesign's done-when command, on a folder with a bad file and a truncated one
+    (its header passes the scan; decoding it fails in the planner's forward pass)."""
     (image_folder / "dog" / "broken.jpg").write_bytes(b"not an image at all")
+    cut = image_folder / "cat" / "img_0001.jpg"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
     report = tmp_path / "run.json"
     code = main(["run", str(image_folder), "--on-error", "skip", "--no-hflip", "--heads", "softmax,svm",
                  "--layers", "mid,late", "--cv", "3", "--image-size", "64", "--batch-size", "8", "--workers", "0",
                  "--device", "cpu", "--cache-dir", str(cache_dir), "--report", str(report), "-q"])
     assert code == 0
     result = json.loads(report.read_text())
-    assert result["stage"] == "sweep" and result["cv_folds"] == 3 and result["n_train"] == 24
+    assert result["stage"] == "sweep" and result["cv_folds"] == 3 and result["n_train"] == 23  # one left out
     assert {(row["layer"], row["head"]) for row in result["results"]} == {
         (layer, head) for layer in ("mid", "late") for head in ("softmax", "svm")}
-    assert result["evidence"]["size"]["n_images"] == 24  # the bad file was left out before advising
+    assert result["evidence"]["size"]["n_images"] == 24  # the unreadable file was left out by the scan
+    assert {s["path"] for s in result["extract"]["skipped"]} == {"dog/broken.jpg", "cat/img_0001.jpg"}
 
 
 def test_advise_prints_the_real_next_command(image_folder, cache_dir, capsys):

@@ -102,6 +102,19 @@ def test_tampered_head_is_refused_without_unpickling(digits_model, tmp_path, mon
     assert "sha256" in capsys.readouterr().err
 
 
+def test_a_model_name_that_now_resolves_to_other_preprocessing_is_refused(digits_model, tmp_path, capsys):
+    import shutil
+
+    out, held_out = digits_model
+    copy = tmp_path / "M"
+    shutil.copytree(out, copy)
+    spec = json.loads((copy / "model.json").read_text())
+    spec["preprocessing"]["resize_size"] += 8  # as if trained with another weights enum's transforms
+    (copy / "model.json").write_text(json.dumps(spec))
+    assert main(["predict", str(copy), str(held_out[0][0])]) == 2
+    assert "was trained with" in capsys.readouterr().err
+
+
 def test_head_from_another_sklearn_major_is_refused(digits_model, tmp_path, capsys):
     import shutil
 

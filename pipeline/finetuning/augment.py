@@ -105,7 +105,10 @@ class _Augmented:
         self.images, self.labels, self.settings, self.epoch = images, labels, settings, epoch
 
     def __call__(self, position: int):
-        generator = torch.Generator().manual_seed(_sample_seed(self.settings.seed, self.epoch, position))
+        # Seeded by the image's position in the data set as scanned, so a training part
+        # cut by --test trains exactly as before the part became a data set of its own.
+        seed = _sample_seed(self.settings.seed, self.epoch, self.images.dataset.position(position))
+        generator = torch.Generator().manual_seed(seed)
         pixels = augment(self.images.base(position), self.images.prep.crop_size, generator,
                          self.settings.min_scale, self.settings.hflip)
         return pixels, int(self.labels[position])

@@ -201,7 +201,8 @@ def train(parts: Parts, settings: FinetuneSettings, recipe: Recipe, *, out: Path
     started = time.perf_counter()
     device = resolve_device(settings.device)
     precision = training_precision(settings.precision, device)
-    spec = resolve_model(settings.model, weights=settings.weights, image_size=settings.image_size)
+    spec = resolve_model(settings.model, weights=settings.weights, image_size=settings.image_size,
+                         download=settings.download)
     dataset = parts.dataset
     network = prepare_network(spec, len(dataset.classes), freeze=recipe.freeze, from_scratch=settings.from_scratch,
                               seed=settings.seed)

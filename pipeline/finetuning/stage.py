@@ -16,7 +16,7 @@ from pathlib import Path
 from ..data import as_dataset, split, stratified_split
 from ..dataset import Dataset
 from ..saved import save_finetuned
-from ..settings import FinetuneSettings, with_overrides
+from ..settings import ExtractSettings, FinetuneSettings, PlanSettings, with_overrides
 from .loop import FinetuneResult, Parts, Recipe, train
 from .surgery import CASE_FREEZE
 
@@ -30,7 +30,12 @@ def decide_recipe(settings: FinetuneSettings, training_part: Dataset) -> Recipe:
     if case == "auto" and settings.freeze is None and not settings.from_scratch:
         from ..plan import measure_similarity
 
-        case = "3" if measure_similarity(training_part, settings)["similar"] else "4"
+        # The planner extracts with its own (default) precision and batch size, as `tlp
+        # advise` does, so both share one cache; the data and model options are the run's.
+        shared = ("model", "weights", "image_size", "device", "cache_dir", "download", "on_error", "workers")
+        extraction = ExtractSettings(**{name: getattr(settings, name) for name in shared})
+        plan = PlanSettings(seed=settings.seed, progress=settings.progress)
+        case = "3" if measure_similarity(training_part, extraction, plan)["similar"] else "4"
     if settings.from_scratch:
         return Recipe(4 if case == "auto" else int(case), 0.0)
     if settings.freeze is not None:
@@ -86,7 +91,8 @@ def _write_outputs(out: Path, result: FinetuneResult, settings: FinetuneSettings
     from ..plots import plot_history
 
     out.mkdir(parents=True, exist_ok=True)
-    spec = resolve_model(settings.model, weights=settings.weights, image_size=settings.image_size)
+    spec = resolve_model(settings.model, weights=settings.weights, image_size=settings.image_size,
+                         download=settings.download)
     save_finetuned(out, result.network.state_dict(), spec={
         "model": settings.model, "weights": settings.weights, "weights_id": spec.weights_id,
         "weights_sha256": spec.weights_sha256, "image_size": settings.image_size,
