@@ -169,8 +169,8 @@ class Forward:
                    pools=pools)
 
     def __call__(self, pixels: torch.Tensor):
-        batch = normalize(pixels.to(self.device, non_blocking=True), self.prep)
         with torch.inference_mode():
+            batch = normalize(pixels.to(self.device, non_blocking=True), self.prep)
             with autocast(self.device, self.precision):
                 outputs = self.module(batch)
             if not self.taps:
@@ -178,7 +178,8 @@ class Forward:
             pooled = {}  # pooled in float32, outside autocast (see tlp.pooling.pool)
             for tap in self.taps:
                 tensor = outputs[tap.node]
-                self.tap_shapes.setdefault(tap.name, tuple(int(v) for v in tensor.shape[1:]))
+                if tap.name not in self.tap_shapes:
+                    self.tap_shapes[tap.name] = tuple(int(v) for v in tensor.shape[1:])
                 pooled[tap.name] = pool(tensor, self.pools.get(tap.name, "avg")).cpu().numpy()
         return pooled
 
