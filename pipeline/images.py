@@ -22,7 +22,7 @@ Why each rule exists (one line each):
   [0, 1] is the common convention; NaN becomes 0.
 - Transparent pixels are composited over white: the colour hidden under alpha 0 is junk, so
   compositing makes the output deterministic, and white matches common "flatten" tools.
-- Every failure is an :class:`~pipeline.errors.ImageDecodeError` naming the path and a short
+- Every failure is an :class:`~tlp.errors.ImageDecodeError` naming the path and a short
   reason, so a caller can skip the file and list why.
 
 ``DECODER_ID`` names this policy and the Pillow version (which bundles the JPEG, PNG and

@@ -187,7 +187,7 @@ def resolve_model(
         Allow torchvision to download missing weights into torch's cache.
     """
     if not isinstance(name, str) or not name.strip():
-        raise TlpInputError(f"--model must be a model name, got {name!r}; see `tlp layers --list`")
+        raise TlpInputError(f"--model must be a model name such as efficientnet_lite0 or resnet50, got {name!r}")
     name = name.strip()
     if name == "efficientnet_lite0" or name.startswith("efficientnet_lite0:"):
         spec = _resolve_efficientnet_lite0(name, weights)

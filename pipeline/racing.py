@@ -222,7 +222,7 @@ class _RefitTask:
 def _refit_task(task: _RefitTask):
     """The winner: the plain pipeline, fitted on all training rows (saved, plotted). Any
     other row only needs its test accuracy, which the head's scoring form gives up to float
-    rounding, faster (grid_scores on a one-point grid; see heads._Split)."""
+    rounding, faster (grid_scores on a one-point grid; see the scoring forms in tlp.heads)."""
     _freeze_worker_imports()
     started = time.perf_counter()
     if task.plain:

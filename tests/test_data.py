@@ -74,7 +74,7 @@ def test_csv_and_folder_give_same_features(tmp_path):
     write_images(root / "b", 3, start=50)
     manifest = root / "list.csv"
     manifest.write_text("".join(f"{p.parent.name}/{p.name},{p.parent.name}\n" for p in sorted(root.glob("*/*.jpg"))))
-    from_folder = extract(root, cache_dir=tmp_path / "c", **FAST)
+    extract(root, cache_dir=tmp_path / "c", **FAST)
     from_csv = extract(manifest, cache_dir=tmp_path / "c", **FAST)
     assert from_csv.n_extracted == 0 and from_csv.n_reused == 6
 
@@ -89,7 +89,8 @@ def test_separate_test_labels_are_matched_by_class_name():
         labels_by_class_name([0], ["emu"], into=["cat", "dog"], source="test/")
 
 
-def _numbered(labels) -> "Dataset":
+def _numbered(labels):
+    """A data set of one placeholder item per label (what `split` needs: labels and paths)."""
     from tlp.dataset import Dataset, Item
 
     return Dataset(name="numbered", kind="builtin", classes=[str(c) for c in sorted(set(labels))],

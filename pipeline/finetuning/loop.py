@@ -24,12 +24,12 @@ from ..dataset import Dataset
 from ..device import autocast, default_workers, resolve_device, resolve_precision, tune_cpu_allocator
 from ..errors import TlpInputError
 from ..files import fingerprint
-from ..forward import Forward, batches
+from ..forward import Forward
 from ..models import resolve_model
 from ..preprocess import normalize
 from ..settings import FinetuneSettings, key_entries
 from .augment import DecodedImages, training_batches
-from .state import CHECKPOINT_DIR, TrainingState, resume, save_checkpoint
+from .state import CHECKPOINT_DIR, resume, save_checkpoint
 from .surgery import Network, prepare_network
 
 __all__ = ["Parts", "Recipe", "FinetuneResult", "train", "training_precision"]
