@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
@@ -26,12 +25,13 @@ import torch
 from torch import nn
 
 from .device import autocast, tune_cpu_allocator
-from .errors import ImageDecodeError, ImageReadError
+from .errors import ImageDecodeError
 from .images import DEFAULT_MAX_PIXELS
 from .layers import Tap, build_tap_extractor
 from .models import ModelSpec, Preprocessing
 from .pooling import pool
 from .preprocess import load_pixels, normalize
+from .scan import read_image_file
 
 __all__ = ["Batch", "PreparedImages", "FileBytes", "ItemBytes", "stack_channels_last", "batches", "Forward"]
 
@@ -63,13 +63,7 @@ class FileBytes:
         self.paths = list(paths)
 
     def __call__(self, position: int) -> bytes:
-        path = self.paths[position]
-        try:
-            return Path(path).read_bytes()
-        except FileNotFoundError:
-            raise ImageReadError(path, "file not found") from None
-        except OSError as error:
-            raise ImageReadError(path, f"cannot read file ({error.strerror or error})") from None
+        return read_image_file(self.paths[position], self.paths[position])
 
     def name(self, position: int) -> str:
         return self.paths[position]

@@ -19,7 +19,8 @@ from .dataset import Dataset, Item, Skipped
 from .errors import ImageDecodeError, ImageReadError, TlpInputError
 from .images import probe_image
 
-__all__ = ["IMAGE_EXTENSIONS", "folder_entries", "csv_entries", "FileReader", "scan", "image_files"]
+__all__ = ["IMAGE_EXTENSIONS", "folder_entries", "csv_entries", "read_image_file", "FileReader", "scan",
+           "image_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +108,17 @@ def _safe_relative_path(raw: str, manifest: Path, line_number: int) -> str:
 
 
 # ----------------------------------------------------------------------------- scanning
+def read_image_file(path: str | os.PathLike, name: str) -> bytes:
+    """The bytes of an image file; a missing or unreadable one is an ImageReadError naming ``name``."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise ImageReadError(name, "file not found") from None
+    except OSError as error:
+        raise ImageReadError(name, f"cannot read file ({error.strerror or error})") from None
+
+
 class FileReader:
     """Reads a file under the data root (a class, not a closure, so workers can pickle it);
     a path that resolves outside the root (a symlink) is refused."""
@@ -118,13 +130,7 @@ class FileReader:
         full = os.path.realpath(os.path.join(self.root, relative))
         if os.path.commonpath([full, self.root]) != self.root:
             raise ImageReadError(relative, "path resolves outside the data folder (symlink?)")
-        try:
-            with open(full, "rb") as handle:
-                return handle.read()
-        except FileNotFoundError:
-            raise ImageReadError(relative, "file not found") from None
-        except OSError as error:
-            raise ImageReadError(relative, f"cannot read file ({error.strerror or error})") from None
+        return read_image_file(full, relative)
 
 
 def scan(name: str, kind: str, root: Path, entries, classes, *, on_error: str, max_pixels: int,
