@@ -28,8 +28,8 @@ import torch
 from .cache import CacheDir, RowSource, ShardWriter, gather_rows
 from .data import as_dataset
 from .dataset import Dataset, Item
-from .device import default_workers, resolve_device, resolve_precision
-from .errors import TlpInputError
+from .device import default_workers, kernel_family, resolve_device, resolve_precision
+from .errors import CacheCorruptError, ImageDecodeError, TlpInputError
 from .featurefile import SCHEMA_VERSION, FeatureFile, LayerMeta, write_feature_file
 from .files import fingerprint, library_versions, now_iso
 from .forward import Forward, ItemBytes, PreparedImages, batches
@@ -37,6 +37,7 @@ from .images import DECODER_ID
 from .layers import Tap, resolve_taps, stride_of
 from .models import ModelSpec, resolve_model
 from .pooling import pooled_dim, pooling_for_taps
+from .runlock import live_run
 from .preprocess import RESIZE_METHOD
 from .settings import ExtractSettings, key_entries, with_overrides
 
@@ -96,13 +97,15 @@ def _extractor_identity(settings: ExtractSettings, spec: ModelSpec, precision: s
 
     The settings' key fields give their entries (see :func:`tlp.settings.key_entries`),
     resolved: the model's identity, the precision and device type that will run, the
-    resolved taps; the rest names the code that makes the pixels and the libraries.
+    resolved taps; the rest names the code that makes the pixels, the libraries and the
+    kernel family that computes (see :func:`tlp.device.kernel_family`).
     """
     entries = key_entries(settings, {"model": spec.identity(), "precision": precision, "device": device.type,
                                      "layers": layers})
     taps = entries.pop("layers")
     identity = {"schema_version": SCHEMA_VERSION, "decoder": DECODER_ID, "resize_method": RESIZE_METHOD,
-                "memory_format": "channels_last", "versions": _versions(spec), **entries}
+                "memory_format": "channels_last", "versions": _versions(spec), "kernels": kernel_family(device),
+                **entries}
     return identity, taps
 
 
@@ -172,52 +175,81 @@ def extract(data, settings: ExtractSettings | None = None, **overrides) -> Extra
     final = cache.file_for(plan.key)
     logger.debug("%s: cache key %s, %d images", dataset.name, plan.key, len(dataset.items))
 
-    hit = _try_cache_hit(final, plan.key)
+    hit = _try_cache_hit(final, plan.key, settings.on_error)
     if hit is not None:
         return _result_from_file(hit, plan, 0, started, timings)
+    cache.remove_orphans()
+    with live_run(cache.root, plan.run_fp):
+        return _extract_missing(plan, dataset, settings, cache, started, timings)
 
-    mark = time.perf_counter()
-    rows, todo, shard_skips = _assign_rows(dataset.items, cache.donors(plan.layer_fps.values(), plan.run_fp))
-    timings["reuse_seconds"] = time.perf_counter() - mark
-    n_reused = len(rows)
 
+def _extract_missing(plan: _Plan, dataset: Dataset, settings: ExtractSettings, cache: CacheDir, started: float,
+                     timings: dict) -> ExtractResult:
+    """Reuse what donors hold, extract the rest, assemble; while the run is marked live.
+
+    Planning repeats until every row has a checked source: another process extracting
+    the same data may finish first and delete the shards it absorbed (then its finished
+    file is a hit or a donor), and a donor whose rows fail their checksum is left out
+    and its images extracted again.
+    """
+    final = cache.file_for(plan.key)
+    excluded: set[Path] = {final}  # a finished file with this key failed its check (or is absent)
     new_metas: dict[str, LayerMeta] = {}
-    if todo:
-        mark = time.perf_counter()
-        new_metas = _run_forward(plan, dataset, todo, settings, cache.partial_dir(plan.run_fp))
-        timings["forward_seconds"] = time.perf_counter() - mark
-
-    mark = time.perf_counter()
-    for attempt in range(3):
-        # Another process extracting the same data may finish first and delete the shards
-        # it absorbed; then its finished file is a hit or a donor, so plan again.
-        hit = _try_cache_hit(final, plan.key)
+    n_reused, forwarded = None, []  # rows found by the first plan; items this run passed forward
+    for attempt in range(5):
+        hit = _try_cache_hit(final, plan.key, settings.on_error) if attempt else None
         if hit is not None:
-            return _result_from_file(hit, plan, len(todo), started, timings, n_reused=n_reused)
-        sources = cache.donors(plan.layer_fps.values(), plan.run_fp)
-        rows, remaining, shard_skips = _assign_rows(dataset.items, sources)
+            cache.drop_absorbed(plan.run_fp, cache.held_rows([final]))
+            return _result_from_file(hit, plan, len(forwarded), started, timings, n_reused=n_reused)
+        mark = time.perf_counter()
+        sources = [s for s in cache.donors(plan.layer_fps.values(), plan.run_fp) if s.path not in excluded]
+        rows, todo, shard_skips = _assign_rows(dataset.items, sources)
+        timings["reuse_seconds"] = timings.get("reuse_seconds", 0.0) + time.perf_counter() - mark
+        _refuse_recorded_failures(dataset, shard_skips, settings.on_error)
+        n_reused = len(rows) if n_reused is None else n_reused
+        if todo:
+            mark = time.perf_counter()
+            new_metas.update(_run_forward(plan, dataset, todo, settings, cache.partial_dir(plan.run_fp)))
+            timings["forward_seconds"] = timings.get("forward_seconds", 0.0) + time.perf_counter() - mark
+            forwarded += todo
+            continue  # the new shards are donors now
         skipped = [s.to_dict() for s in dataset.skipped] + [
             {"path": item.path, "reason": shard_skips[item.digest]} for item in dataset.items if item.digest in shard_skips
         ]
+        mark = time.perf_counter()
         try:
-            if remaining:
-                raise FileNotFoundError(f"{len(remaining)} images lost their rows")
-            metas = _layer_metas(plan, new_metas, sources)
-            _assemble(final, plan, dataset, settings, rows=rows, metas=metas, skipped=skipped)
-            break
-        except (FileNotFoundError, KeyError, OSError) as error:
-            if attempt == 2:
-                raise RuntimeError(f"could not assemble {final.name}: {error}") from error
+            _assemble(final, plan, dataset, settings, rows=rows, metas=_layer_metas(plan, new_metas, sources),
+                      skipped=skipped)
+        except CacheCorruptError as error:
+            logger.warning("%s: %s does not match its checksum; extracting its rows again",
+                           Path(error.path).name, error.what)
+            excluded.add(Path(error.path))
+            continue
+        except (FileNotFoundError, KeyError) as error:
             logger.info("rows moved while assembling (%s); planning again", error)
-    timings["assemble_seconds"] = time.perf_counter() - mark
-    features = FeatureFile(final)
-    cache.drop_absorbed(plan.run_fp, set(features.digests))
-    n_extracted = sum(item.digest not in shard_skips for item in todo)
-    return _result_from_file(features, plan, n_extracted, started, timings, n_reused=n_reused)
+            continue
+        finally:
+            timings["assemble_seconds"] = timings.get("assemble_seconds", 0.0) + time.perf_counter() - mark
+        features = FeatureFile(final)
+        cache.drop_absorbed(plan.run_fp, cache.held_rows([final]))
+        n_extracted = sum(item.digest not in shard_skips for item in forwarded)
+        return _result_from_file(features, plan, n_extracted, started, timings, n_reused=n_reused)
+    raise RuntimeError(f"could not assemble {final.name}: its rows kept moving or failing their checksums")
+
+
+def _refuse_recorded_failures(dataset: Dataset, recorded: dict[str, str], on_error: str) -> None:
+    """Under ``--on-error fail``, a bad file that an earlier ``skip`` run recorded fails now
+    as it would on a fresh cache, instead of being left out silently."""
+    if on_error != "fail" or not recorded:
+        return
+    first = next(item for item in dataset.items if item.digest in recorded)
+    raise ImageDecodeError(first.path, recorded[first.digest])
 
 
 # ----------------------------------------------------------------------------- cache hit
-def _try_cache_hit(final: Path, key: str) -> FeatureFile | None:
+def _try_cache_hit(final: Path, key: str, on_error: str) -> FeatureFile | None:
+    """The finished file for ``key`` if it exists, is readable and passes its checksums
+    (a mismatch is a miss: the file is recomputed and replaced, never served)."""
     if not final.exists():
         return None
     try:
@@ -231,6 +263,16 @@ def _try_cache_hit(final: Path, key: str) -> FeatureFile | None:
         logger.warning("cache file %s holds key %s; extracting again", final.name, features.key[:12])
         final.unlink(missing_ok=True)
         return None
+    try:
+        features.check()
+    except CacheCorruptError as error:
+        features.close()
+        logger.warning("cache file %s: %s does not match its checksum; extracting again", final.name, error.what)
+        return None
+    if on_error == "fail" and features.skipped:
+        first = features.skipped[0]
+        features.close()
+        raise ImageDecodeError(first["path"], first["reason"])
     return features
 
 

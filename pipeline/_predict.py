@@ -126,13 +126,26 @@ def _check_preprocessing(model_spec, spec: dict, directory) -> None:
             "naming the weights (e.g. resnet50:IMAGENET1K_V1)")
 
 
+def _load_weights(network, saved: SavedFinetuned) -> None:
+    """The saved state dict into the network built from its spec; one that does not fit
+    (other keys or shapes) is bad input, not a crash."""
+    try:
+        network.load_state_dict(saved.state_dict)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TlpInputError(f"the weights in {str(saved.directory)!r} do not fit {saved.spec['model']} ({first}); "
+                            "re-run `tlp finetune --out` to write the folder again") from None
+
+
 def predict(model_dir: str | os.PathLike, images, *, top_k: int = 1, batch_size: int = 32, device: str = "auto",
-            on_error: str = "fail") -> Predictions:
+            on_error: str = "fail", trust_pickle: bool = False) -> Predictions:
     """Labels of a saved model (a ``tlp sweep --out`` or ``tlp finetune --out`` folder) for
-    image files or folders of them."""
+    image files or folders of them. The folder is checked and loaded before any image is
+    read, and nothing in it runs code; ``trust_pickle=True`` also loads an old pickle head
+    (``tlp-head-v1``), which can, so only for files you wrote yourself."""
     if on_error not in ("fail", "skip"):
         raise TlpInputError(f"--on-error must be fail or skip, got {on_error!r}")
-    saved = load_model(model_dir)
+    saved = load_model(model_dir, trust_pickle=trust_pickle)
     paths = image_paths(images)
     spec = saved.spec
     model_spec = resolve_model(spec["model"], weights=spec.get("weights"), image_size=spec.get("image_size"))
@@ -142,7 +155,7 @@ def predict(model_dir: str | os.PathLike, images, *, top_k: int = 1, batch_size:
         from .finetuning.surgery import build_finetune_model
 
         network = build_finetune_model(model_spec, len(saved.classes), from_scratch=bool(spec.get("from_scratch")))
-        network.load_state_dict(saved.state_dict)
+        _load_weights(network, saved)
         forward = Forward(network, model_spec.preprocessing, device=torch_device, precision=spec["precision"])
         kept, logits, skipped = _run(forward, paths, model_spec.preprocessing, batch_size, on_error)
         probabilities = _softmax(logits) if kept else np.zeros((0, len(saved.classes)))

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .data import as_dataset, split
+from .data import as_dataset, require_classes, split
 from .dataset import Dataset
 from .plan import Advice, advise
 from .settings import ExtractSettings, FinetuneSettings, PlanSettings, SweepSettings, route_options
@@ -77,6 +77,7 @@ def run(data, *, test=None, out: str | Path | None = None, say: Callable[[str], 
     seed = sweeping.seed  # one seed for every stage: route_options gave each the same value
     dataset = as_dataset(data, on_error=extraction.on_error, max_pixels=extraction.max_pixels)
     training, test_part = split(dataset, test, seed, on_error=extraction.on_error, max_pixels=extraction.max_pixels)
+    require_classes(training)
     advice = advise(training, extraction, planning, data_name=None if isinstance(data, Dataset) else str(data))
     timings = {"advise_seconds": time.perf_counter() - started}
     if say is not None:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .data import as_dataset, split, stratified_split
+from .data import as_dataset, require_classes, split, stratified_split
 from .dataset import Dataset
 from .errors import TlpInputError
 from .featurefile import FeatureFile
@@ -178,8 +178,8 @@ def sweep(data, settings: SweepSettings | None = None, *, test=None, out: str | 
         data of the same kind as ``data``. Never used for selection.
     out : path, optional
         Folder for ``results.csv``, ``accuracy_by_depth.png``, ``confusion_matrix.png``
-        and, for images and cache files, the saved winner (``head.joblib`` +
-        ``model.json``, which ``tlp predict`` reads).
+        and, for images and cache files, the saved winner (``head-<sha12>.skops`` +
+        ``model.json``, which ``tlp predict`` reads; replaced atomically, see :mod:`tlp.saved`).
     extraction : ExtractSettings, optional
         How images are extracted (pooling defaults to ``auto``: grid2 for early and mid).
 
@@ -339,6 +339,7 @@ def _extracted(data, test, settings: SweepSettings, extraction: ExtractSettings)
     dataset = as_dataset(data, on_error=extraction.on_error, max_pixels=extraction.max_pixels)
     training, test_part = split(dataset, test, settings.seed, on_error=extraction.on_error,
                                 max_pixels=extraction.max_pixels)
+    require_classes(training)
     whole = _whole_of(training, test_part)
     result = extract(whole if whole is not None else training, extraction)
     features, _ = _from_file(result.path)

@@ -4,6 +4,7 @@ Layout of a cache directory::
 
     <root>/<key>.h5                       finished files (see :mod:`tlp.featurefile`)
     <root>/.partial/<run>/shard-*.h5      work committed by a running (or killed) extraction
+    <root>/.live/<run>.<pid>.<host>.<random>.lock   held by a running extraction (:mod:`tlp.runlock`)
     <root>/presets.json                   layer presets per architecture (a memo)
 
 Progress is never appended to one file (a killed HDF5 writer leaves an unreadable
@@ -11,6 +12,11 @@ file): every commit is a small shard written atomically. A rerun reads the shard
 skips the images they hold, and the final file is assembled from shards and from rows
 of other finished files whose layers were made identically (same per-layer
 fingerprint, same image digest).
+
+Nothing is served or absorbed unchecked: a shard carries the sha256 of its digests and
+of each layer's rows, checked before its rows are used (a mismatch deletes the shard
+and its images are extracted again), and rows taken from a finished file are read
+through its per-layer sha256 (:func:`tlp.featurefile.read_verified`).
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ import h5py
 import numpy as np
 
 from .errors import TlpInputError
-from .featurefile import STRING_DTYPE, FeatureFile, LayerMeta, read_strings
-from .files import atomic_h5
+from .featurefile import STRING_DTYPE, FeatureFile, LayerMeta, read_strings, read_verified
+from .files import array_sha256, atomic_h5, fingerprint, remove_orphans
+from .runlock import live_runs
 
 __all__ = ["CacheDir", "RowSource", "ShardWriter", "write_shard", "gather_rows", "shard_merged"]
 
@@ -51,13 +58,20 @@ def write_shard(
         handle.create_dataset("digests", data=np.asarray(digests, dtype=object), dtype=STRING_DTYPE)
         handle.create_dataset("skipped_digests", data=np.asarray([d for d, _ in skipped], dtype=object), dtype=STRING_DTYPE)
         handle.create_dataset("skipped_reasons", data=np.asarray([r for _, r in skipped], dtype=object), dtype=STRING_DTYPE)
+        handle.attrs["index_sha256"] = _shard_index_sha256(digests, skipped)
         group = handle.create_group("features")
         for layer_fp, values in features.items():
-            dataset = group.create_dataset(layer_fp, data=np.asarray(values, dtype=np.float32))
+            rows = np.asarray(values, dtype=np.float32)
+            dataset = group.create_dataset(layer_fp, data=rows)
+            dataset.attrs["sha256"] = array_sha256(rows)
             if layer_fp in metas:
                 for key, value in metas[layer_fp].attrs().items():
                     dataset.attrs[key] = value
     return final
+
+
+def _shard_index_sha256(digests, skipped) -> str:
+    return fingerprint({"digests": list(digests), "skipped": [list(pair) for pair in skipped]})
 
 
 class ShardWriter:
@@ -154,9 +168,9 @@ class CacheDir:
                 sources.append(source)
         return sources
 
-    def drop_absorbed(self, run_fingerprint: str, held: set[str]) -> None:
-        """Delete a run's shards whose every row a finished file now holds (``held``:
-        its image digests); keep the rest for later runs."""
+    def drop_absorbed(self, run_fingerprint: str, held: dict[str, set[str]]) -> None:
+        """Delete a run's shards whose every row finished files now hold (``held``: layer
+        fingerprint -> image digests); keep the rest for later runs."""
         folder = self.partial_dir(run_fingerprint)
         for shard in folder.glob("shard-*.h5"):
             if shard_merged(shard, held):
@@ -164,37 +178,72 @@ class CacheDir:
         with contextlib.suppress(OSError):  # only if empty: another run may be writing in it
             folder.rmdir()
 
+    def held_rows(self, paths: Iterable[Path] | None = None) -> dict[str, set[str]]:
+        """Layer fingerprint -> image digests that finished files (all, or ``paths``) hold."""
+        held: dict[str, set[str]] = {}
+        for path in self.finished_files() if paths is None else paths:
+            with FeatureFile(path) as features:
+                digests = features.digests
+                for name in features.layers:
+                    held.setdefault(features.layer_meta(name).layer_fingerprint, set()).update(digests)
+        return held
+
     # -- maintenance -------------------------------------------------------------------
     def temp_files(self) -> list[Path]:
         found = glob.glob(str(self.root / ".*.tmp.*")) + glob.glob(str(self.root / ".partial" / "*" / ".*.tmp.*"))
         return [Path(p) for p in found]
 
+    def remove_orphans(self) -> list[tuple[Path, int]]:
+        """Delete temporary files whose writer is dead (a killed assembly leaves one the
+        size of the final file); every extraction does this first, cheaply."""
+        return remove_orphans(self.root, ".*.tmp.*", ".partial/*/.*.tmp.*")
+
+    def shards(self) -> list[Path]:
+        partial_root = self.root / ".partial"
+        return sorted(partial_root.glob("*/shard-*.h5")) if partial_root.is_dir() else []
+
     def gc(self, *, partial: bool = False) -> list[tuple[Path, int]]:
-        """Delete orphaned temporary files (their writer is dead), unreadable finished
-        files, shards already merged into a finished file, and with ``partial=True``
-        all in-progress shards. Returns (path, bytes) of what was removed."""
-        removed = []
-        for temp in self.temp_files():
-            if not _writer_alive(temp):
-                removed.append(_remove(temp))
-        merged_digests: set[str] = set()
+        """Delete what no run needs: temporary files of dead writers, unreadable finished
+        files, and shards whose rows finished files hold *for the same layers*; with
+        ``partial=True`` also every other shard of runs that are not live. Work of a
+        live run (see :mod:`tlp.runlock`) is never removed. Returns (path, bytes)."""
+        removed = self.remove_orphans()
+        readable = []
         for path in self.finished_files():
             try:
-                with FeatureFile(path) as features:
-                    merged_digests.update(features.digests)
+                with FeatureFile(path):
+                    readable.append(path)
             except TlpInputError:
                 logger.warning("removing unreadable cache file %s", path.name)
                 removed.append(_remove(path))
-        partial_root = self.root / ".partial"
-        for shard in sorted(partial_root.glob("*/shard-*.h5")) if partial_root.is_dir() else []:
-            if partial or shard_merged(shard, merged_digests):
+        held = self.held_rows(readable)
+        live = live_runs(self.root)
+        for shard in self.shards():
+            if shard.parent.name in live:
+                continue
+            if partial or shard_merged(shard, held):
                 removed.append(_remove(shard))
-        if partial_root.is_dir():
-            for directory in partial_root.iterdir():
-                if directory.is_dir() and not any(directory.iterdir()):
-                    with contextlib.suppress(OSError):  # a running extraction just wrote in it
-                        directory.rmdir()
+        for directory in {shard.parent for shard in self.shards()} | set(self._partial_dirs()):
+            if directory.name not in live and not any(directory.iterdir()):
+                with contextlib.suppress(OSError):  # a running extraction just wrote in it
+                    directory.rmdir()
         return removed
+
+    def _partial_dirs(self) -> list[Path]:
+        partial_root = self.root / ".partial"
+        return [d for d in partial_root.iterdir() if d.is_dir()] if partial_root.is_dir() else []
+
+    def verify_shards(self) -> list[tuple[Path, list[str]]]:
+        """(shard, problems) for every committed shard; empty problems when it is sound."""
+        found = []
+        for shard in self.shards():
+            try:
+                with h5py.File(shard, "r") as handle:
+                    problems = _shard_problems(handle, set(handle["features"].keys()))
+            except (OSError, KeyError) as error:
+                problems = [f"unreadable ({error})"]
+            found.append((shard, problems))
+        return found
 
 
 def _remove(path: Path) -> tuple[Path, int]:
@@ -203,28 +252,31 @@ def _remove(path: Path) -> tuple[Path, int]:
     return path, size
 
 
-def _writer_alive(temp: Path) -> bool:
-    try:
-        pid = int(temp.name.split(".tmp.")[1].split(".")[0])
-    except (IndexError, ValueError):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    # Our own pid cannot be mid-write while we collect garbage: it is a leftover of an
-    # earlier process that had the same pid.
-    return pid != os.getpid()
-
-
-def shard_merged(shard: Path, merged_digests: set[str]) -> bool:
+def shard_merged(shard: Path, held: dict[str, set[str]]) -> bool:
+    """Whether finished files hold every row of ``shard`` for every layer it carries
+    (``held``: layer fingerprint -> digests). Rows of another layer set are not merged,
+    whatever images they share."""
     try:
         with h5py.File(shard, "r") as handle:
-            return set(read_strings(handle["digests"])) <= merged_digests
-    except OSError:
+            digests = set(read_strings(handle["digests"]))
+            return all(digests <= held.get(fp, set()) for fp in handle["features"].keys())
+    except (OSError, KeyError):
         return True  # unreadable shards are useless
+
+
+def _shard_problems(handle: h5py.File, layer_fps: set[str]) -> list[str]:
+    """What is wrong with an open shard's checksums (index and the given layers)."""
+    if "index_sha256" not in handle.attrs:
+        return ["written without checksums (before tlp 0.3)"]
+    skipped = list(zip(read_strings(handle["skipped_digests"]), read_strings(handle["skipped_reasons"])))
+    problems = []
+    if _shard_index_sha256(read_strings(handle["digests"]), skipped) != str(handle.attrs["index_sha256"]):
+        problems.append("its image digests do not match their checksum")
+    for fp in sorted(layer_fps):
+        dataset = handle["features"][fp]
+        if dataset.shape[0] and array_sha256(dataset[()]) != str(dataset.attrs.get("sha256", "")):
+            problems.append(f"rows of layer {fp[:12]} do not match their checksum")
+    return problems
 
 
 def _shard_source(path: Path, wanted: set[str]) -> RowSource | None:
@@ -232,6 +284,16 @@ def _shard_source(path: Path, wanted: set[str]) -> RowSource | None:
         with h5py.File(path, "r") as handle:
             present = set(handle["features"].keys())
             if not wanted <= present:
+                return None
+            if "index_sha256" not in handle.attrs:
+                return None  # written before shards carried checksums: cannot be checked
+            problems = _shard_problems(handle, wanted)
+            if problems:
+                # Never absorb rows that changed on disk: the final file's sha256 would be
+                # computed over them and `verify` would call it sound. Recompute instead.
+                logger.warning("shard %s is not used (%s); its images are extracted again",
+                               path.name, "; ".join(problems))
+                path.unlink(missing_ok=True)
                 return None
             rows = {d: i for i, d in enumerate(read_strings(handle["digests"]))}
             skipped = dict(zip(read_strings(handle["skipped_digests"]), read_strings(handle["skipped_reasons"])))
@@ -277,12 +339,9 @@ def gather_rows(
         with h5py.File(path, "r") as handle:
             dataset = handle[source.datasets[layer_fp]]
             rows_array = np.asarray(rows)
-            if len(rows) * 10 >= dataset.shape[0] or dataset.shape[0] <= 4096:
-                block = dataset[()]
-                values = block[rows_array]
-            else:
-                order = np.argsort(rows_array)
-                values = np.empty((len(rows), dataset.shape[1]), dtype=dataset.dtype)
-                values[order] = dataset[rows_array[order]]
+            order = np.argsort(rows_array, kind="stable")
+            values = np.empty((len(rows), dataset.shape[1]), dtype=dataset.dtype)
+            # Every row that goes into a finished file is read from checked data.
+            values[order] = read_verified(dataset, rows=rows_array[order], memo_path=path)
             out[np.asarray(positions)] = values
     return out

@@ -27,6 +27,7 @@ from typing import Callable
 
 from . import __version__, commands
 from .errors import TlpInputError
+from .faults import describe
 from .settings import (ExtractSettings, FinetuneSettings, ModelOptions, PlanSettings, SweepSettings, comma_list,
                        positive_int)
 
@@ -174,10 +175,10 @@ VERBS = (
     Verb("sweep", "sweep softmax/SVM/MLP/kNN heads over cached layers; save the winner", commands.sweep,
          (ExtractSettings, SweepSettings), test=True, defaults={"pool": {"default": "auto"}},
          out="folder for results.csv, accuracy_by_depth.png, confusion_matrix.png and the saved winner "
-             "(head.joblib, model.json) that `tlp predict` reads"),
+             "(head-<sha12>.skops, model.json) that `tlp predict` reads"),
     Verb("finetune", "fine-tune the network with a new classifier layer (large data, cases 3-4)", commands.finetune,
          (FinetuneSettings,), test=True,
-         out="folder for model.pt, model.json, history.csv, history.png and checkpoints/ (a rerun resumes)"),
+         out="folder for model-<sha12>.pt, model.json, history.csv, history.png and checkpoints/ (a rerun resumes)"),
     Verb("advise", "measure size and similarity, print the case (1-4) and its recipe", commands.advise,
          (ExtractSettings, PlanSettings), exclude=("layers", "pool")),
     Verb("run", "advise, then extract+sweep (cases 1-2) or fine-tune (cases 3-4)", commands.run,
@@ -243,6 +244,10 @@ def _add_predict(verbs) -> None:
     parser.add_argument("--device", metavar="DEVICE", default="auto", help=_help_of(ModelOptions, "device"))
     parser.add_argument("--on-error", choices=("fail", "skip"), default="fail",
                         help="bad image files: fail (exit 2, naming the file) or skip (leave them out)")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="also load an old pickle head (head.joblib, tlp-head-v1), which can run code when "
+                             "loaded: only for a folder you wrote yourself; `tlp sweep --out` again re-saves it "
+                             "in the safe format")
     _common(parser, top=False)
     parser.set_defaults(func=commands.predict)
 
@@ -357,18 +362,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tlp: interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr)
         return 130
-    except OSError as error:  # the environment: disk full, read-only folder, permissions
+    except Exception as error:  # noqa: BLE001 - one line for people (see tlp.faults); -v shows the traceback
         if args.verbose:
             raise
-        where = f": {error.filename}" if getattr(error, "filename", None) else ""
-        print(f"tlp: error: {error.strerror or error}{where}; free space or fix the folder's permissions, "
-              "then rerun (finished work is kept)", file=sys.stderr)
-        return 1
-    except Exception as error:  # noqa: BLE001 - one line for people; -v shows the traceback
-        if args.verbose:
-            raise
-        print(f"tlp: error: {type(error).__name__}: {error} (rerun with -v for the traceback)", file=sys.stderr)
-        return 1
+        code, message = describe(error, args)
+        print(f"tlp: error: {message}", file=sys.stderr)
+        return code
 
 
 def main_entry() -> None:

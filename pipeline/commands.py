@@ -116,7 +116,7 @@ def _finetune_summary(result) -> str:
            if result.test_accuracy is not None else ""),
     ]
     if result.out is not None:
-        lines.append(f"saved {result.out / 'model.pt'}, model.json, history.csv, history.png")
+        lines.append(f"saved {result.out / 'model.json'} (and the weights it names), history.csv, history.png")
     return "\n".join(lines)
 
 
@@ -183,7 +183,8 @@ def predict(args) -> int:
         if args.model or args.weights:
             raise TlpInputError("--model and --weights go with --imagenet; a saved model names its own")
         predictions = run_predict(args.inputs[0], args.inputs[1:], top_k=args.top_k or 1,
-                                  batch_size=args.batch_size, device=args.device, on_error=args.on_error)
+                                  batch_size=args.batch_size, device=args.device, on_error=args.on_error,
+                                  trust_pickle=args.trust_pickle)
     text = predictions.to_csv(args.out)
     for skip in predictions.skipped:
         logger.warning("skipped %s: %s", skip["path"], skip["reason"])
@@ -310,8 +311,16 @@ def cache_verify(args) -> int:
             problems = [str(error)]
         bad += bool(problems)
         _print(f"{path.stem[:12]}  {'ok' if not problems else 'BAD: ' + '; '.join(problems)}")
+    checked = len(paths)
+    if not args.key:  # committed shards of runs in progress or killed, which later runs absorb
+        for shard, problems in cache.verify_shards():
+            checked += 1
+            bad += bool(problems)
+            name = shard.relative_to(cache.root)
+            _print(f"{name}  {'ok' if not problems else 'BAD: ' + '; '.join(problems)}")
     if bad:
-        print(f"tlp: {bad} of {len(paths)} entries failed verification; remove them with `tlp cache rm KEY`",
+        print(f"tlp: {bad} of {checked} entries failed verification; remove a finished file with `tlp cache rm KEY`; "
+              "a bad shard is removed and its images extracted again by the next `tlp extract` that needs it",
               file=sys.stderr)
         return 1
     return 0

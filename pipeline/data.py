@@ -4,7 +4,8 @@
 name into a :class:`~tlp.dataset.Dataset`; every stage also accepts that value, so
 ``tlp run`` scans and hashes once and hands the parts on. :func:`split` is the one
 interpretation of ``--test``: a fraction, a count, or a separate data set whose classes
-are checked against the training data's before any forward pass.
+are checked against the training data's before any forward pass, and
+:func:`require_classes` refuses training data with fewer than two classes just as early.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .images import DEFAULT_MAX_PIXELS
 from .scan import IMAGE_EXTENSIONS, csv_entries, folder_entries, scan
 
 __all__ = ["Item", "Skipped", "Dataset", "load_dataset", "as_dataset", "split", "parse_test", "stratified_split",
-           "labels_by_class_name", "BUILTIN_DATASETS", "IMAGE_EXTENSIONS"]
+           "labels_by_class_name", "require_classes", "BUILTIN_DATASETS", "IMAGE_EXTENSIONS"]
 
 ON_ERROR_CHOICES = ("fail", "skip")
 
@@ -68,6 +69,26 @@ def load_dataset(data: str | os.PathLike, *, on_error: str = "fail", max_pixels:
 def as_dataset(data, *, on_error: str = "fail", max_pixels: int = DEFAULT_MAX_PIXELS) -> Dataset:
     """``data`` itself if it is a Dataset, else :func:`load_dataset` of it (the API's edge)."""
     return data if isinstance(data, Dataset) else load_dataset(data, on_error=on_error, max_pixels=max_pixels)
+
+
+def require_classes(dataset: Dataset) -> Dataset:
+    """``dataset`` itself if its images hold at least two classes, else an input error.
+
+    Every stage that trains (sweep, fine-tuning, the planner's probes) calls this on its
+    training data right after scanning and splitting, before any forward pass: with one
+    class there is nothing to tell apart, and the failure would otherwise surface deep
+    inside scikit-learn or the training loop after the expensive part has run. Classes
+    are counted among the items, so a class whose every file ``--on-error skip`` left
+    out does not count.
+    """
+    present = sorted({int(label) for label in dataset.labels})
+    if len(present) >= 2:
+        return dataset
+    skipped = (dataset.source or dataset).skipped
+    left_out = f" ({len(skipped)} unreadable files were left out)" if skipped else ""
+    only = f"only class {dataset.classes[present[0]]!r}" if present else "no class"
+    raise TlpInputError(f"data {dataset.name!r} has images of {only}{left_out}; training needs at least 2 "
+                        "classes: add a sub-folder (or manifest label) per class")
 
 
 def parse_test(text: str | None):

@@ -21,7 +21,7 @@ from .settings import PRECISIONS
 
 __all__ = [
     "PRECISIONS", "resolve_device", "resolve_precision", "autocast", "cpu_has_native_bf16",
-    "tune_cpu_allocator", "default_workers",
+    "tune_cpu_allocator", "default_workers", "kernel_family",
 ]
 
 logger = logging.getLogger(__name__)
@@ -30,17 +30,51 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
-    """True when /proc/cpuinfo lists avx512_bf16 or amx_bf16 (Linux only)."""
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
             for line in handle:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return frozenset()
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when /proc/cpuinfo lists avx512_bf16 or amx_bf16 (Linux only)."""
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+# The instruction-set extensions that decide which convolution and matmul kernels oneDNN
+# and ATen pick on a CPU, and so the last bits of the features (the summation order and
+# fused multiply-adds differ between kernel families).
+_KERNEL_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl",
+                 "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16",
+                 "asimd", "sve", "sve2", "bf16", "i8mm")
+_KERNEL_ENVIRONMENT = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ONEDNN_DEFAULT_FPMATH_MODE")
+
+
+def kernel_family(device: torch.device) -> dict:
+    """What decides which compute kernels run, for the cache key.
+
+    On a CPU: ATen's dispatch level (``torch.backends.cpu.get_cpu_capability()``), the
+    CPU's instruction-set flags that oneDNN chooses its kernels by, and the environment
+    variables that cap either. Two machines that differ here compute features that
+    differ in the last bits (up to a few percent of a row's norm was measured under
+    ``ONEDNN_MAX_CPU_ISA=AVX2``), so a cache folder shared between them must not serve
+    one machine's rows to the other. On CUDA: the GPU's name and compute capability.
+    """
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return {"gpu": torch.cuda.get_device_name(index),
+                "capability": list(torch.cuda.get_device_capability(index))}
+    return {
+        "aten": torch.backends.cpu.get_cpu_capability(),
+        "isa": sorted(_cpu_flags() & set(_KERNEL_FLAGS)),
+        "environment": {name: os.environ[name] for name in _KERNEL_ENVIRONMENT if name in os.environ},
+    }
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -6,17 +6,21 @@ File contract (see DESIGN.md, "Cache contract")::
     /index/labels    (N,) int64    class indices; class names in the attribute "classes"
     /index/digests   (N,) str      sha256 of each image's bytes (for reuse across data sets)
     /index/skipped_paths, /index/skipped_reasons   files left out under --on-error skip
+                     attribute "sha256": :func:`index_sha256` of classes, paths, labels, digests
     /features/<layer> (N, D) float16|float32, chunked by rows; attributes: node, pooling,
                       pre_pool_shape, channels, stride, layer_fingerprint, sha256
     root attributes:  schema_version, key, model, weights_id, weights_sha256,
                       preprocessing (JSON), precision, versions (JSON), created, data_root, ...
 
 A finished file is never modified; it is written in one go by :func:`write_feature_file`
-(atomically, see :mod:`tlp.files`).
+(atomically, see :mod:`tlp.files`). Every read of a layer through :class:`FeatureFile`
+is checked against its sha256 as it streams by, and an extraction's cache hit checks the
+index and every layer, so numbers changed on disk are never served.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -25,11 +29,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .errors import TlpInputError
-from .files import array_sha256, atomic_h5, canonical_json
+from .errors import CacheCorruptError, TlpInputError
+from .files import array_sha256, atomic_h5, canonical_json, fingerprint
 
 __all__ = ["SCHEMA_VERSION", "LayerMeta", "FeatureFile", "write_feature_file", "storage_dtype", "read_strings",
-           "STRING_DTYPE"]
+           "STRING_DTYPE", "read_verified", "index_sha256", "forget_checks"]
 
 SCHEMA_VERSION = 1
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -76,6 +80,72 @@ class LayerMeta:
 
 def read_strings(dataset: h5py.Dataset) -> list[str]:
     return [v.decode() if isinstance(v, bytes) else str(v) for v in dataset[()]]
+
+
+# ----------------------------------------------------------------------------- checksums
+_VERIFY_BLOCK_BYTES = 64 << 20  # rows hashed per read: bounded memory at any file size
+_verified: set[tuple] = set()  # (path, inode, size, mtime_ns, dataset) checked in this process
+
+
+def _file_identity(path: Path) -> tuple:
+    stat = os.stat(path)
+    return str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def read_verified(dataset: h5py.Dataset, *, rows: np.ndarray | None = None,
+                  memo_path: Path | None = None) -> np.ndarray | None:
+    """Read a 2-D dataset whose ``sha256`` attribute holds :func:`~tlp.files.array_sha256`
+    of its values, checking the digest as the rows stream by (in blocks of ~64 MiB).
+
+    Returns the whole array, or with ``rows`` (sorted row numbers) only those rows, read
+    in the same pass. Raises :class:`~tlp.errors.CacheCorruptError` when the digest is
+    missing or differs. With ``memo_path`` a dataset already checked in this process
+    (same file, inode, size and mtime) is not hashed again, so a sweep that reads what
+    extraction just checked pays once.
+    """
+    expected = dataset.attrs.get("sha256")
+    where = Path(dataset.file.filename)
+    if expected is None:
+        raise CacheCorruptError(where, f"{dataset.name} has no sha256")
+    memo = (*_file_identity(memo_path), dataset.name) if memo_path is not None else None
+    n = dataset.shape[0]
+    if memo in _verified:
+        return dataset[()] if rows is None else _rows_of(dataset, rows)
+    digest = hashlib.sha256(f"{dataset.dtype.newbyteorder('<').str}|{dataset.shape}".encode())
+    block = max(1, _VERIFY_BLOCK_BYTES // max(1, dataset.dtype.itemsize * int(np.prod(dataset.shape[1:]))))
+    parts, wanted = [], rows
+    for start in range(0, n, block):
+        values = dataset[start:start + block]
+        digest.update(np.ascontiguousarray(values.astype(values.dtype.newbyteorder("<"), copy=False)).data)
+        if rows is None:
+            parts.append(values)
+        else:
+            inside = wanted[(wanted >= start) & (wanted < start + block)]
+            parts.append(values[inside - start])
+    if digest.hexdigest() != (expected.decode() if isinstance(expected, bytes) else str(expected)):
+        raise CacheCorruptError(where, f"{dataset.name}")
+    if memo is not None:
+        _verified.add(memo)
+    return np.concatenate(parts) if parts else np.empty((0, *dataset.shape[1:]), dtype=dataset.dtype)
+
+
+def forget_checks() -> None:
+    """Forget which layers this process has checked, so the next read hashes them again
+    (the benchmarks time first reads)."""
+    _verified.clear()
+
+
+def _rows_of(dataset: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
+    if len(rows) * 10 >= dataset.shape[0]:
+        return dataset[()][rows]
+    return dataset[rows]
+
+
+def index_sha256(classes, paths, labels, digests) -> str:
+    """The checksum of a finished file's index (class names, paths, labels, digests): a
+    flipped byte there would attach rows to the wrong image or class."""
+    return fingerprint({"classes": list(classes), "paths": list(paths),
+                        "labels": [int(v) for v in np.asarray(labels).tolist()], "digests": list(digests)})
 
 
 class FeatureFile:
@@ -168,8 +238,29 @@ class FeatureFile:
         return self._file["features"][name]
 
     def load(self, name: str, dtype=np.float32) -> np.ndarray:
-        """The (N, D) features of one layer, upcast to ``dtype`` (float32 by default)."""
-        return self._dataset(name)[()].astype(dtype, copy=False)
+        """The (N, D) features of one layer, upcast to ``dtype`` (float32 by default).
+
+        The stored values are checked against the layer's sha256 as they are read (once
+        per process and file version); a mismatch raises
+        :class:`~tlp.errors.CacheCorruptError` instead of serving changed numbers."""
+        return read_verified(self._dataset(name), memo_path=self.path).astype(dtype, copy=False)
+
+    def check(self, layers: list[str] | None = None) -> None:
+        """Check the index and the given layers (all by default) against their checksums;
+        raises :class:`~tlp.errors.CacheCorruptError` on the first mismatch."""
+        self.check_index()
+        for name in self.layers if layers is None else layers:
+            read_verified(self._dataset(name), rows=np.empty(0, dtype=np.int64), memo_path=self.path)
+
+    def check_index(self) -> None:
+        """Raise :class:`~tlp.errors.CacheCorruptError` when the index no longer matches
+        the checksum written with it (files from before tlp 0.3 carry none)."""
+        expected = self._file["index"].attrs.get("sha256")
+        if expected is None:
+            return
+        actual = index_sha256(self.classes, self.paths, self.labels, self.digests)
+        if actual != (expected.decode() if isinstance(expected, bytes) else str(expected)):
+            raise CacheCorruptError(self.path, "the index (paths, labels, digests or class names)")
 
     def dim(self, name: str) -> int:
         """Length D of one layer's feature vectors."""
@@ -191,11 +282,17 @@ class FeatureFile:
         for name in ("paths", "digests"):
             if self._file["index"][name].shape[0] != n:
                 problems.append(f"/index/{name} has {self._file['index'][name].shape[0]} rows, labels {n}")
+        try:
+            self.check_index()
+        except CacheCorruptError:
+            problems.append("index: paths, labels, digests or class names do not match their sha256")
         for name in self.layers:
             dataset = self._dataset(name)
             if dataset.shape[0] != n:
                 problems.append(f"layer {name} has {dataset.shape[0]} rows, index {n}")
-            if array_sha256(dataset[()]) != dataset.attrs.get("sha256"):
+            try:
+                read_verified(dataset, rows=np.empty(0, dtype=np.int64))
+            except CacheCorruptError:
                 problems.append(f"layer {name}: stored values do not match their sha256")
         return problems
 
@@ -240,6 +337,7 @@ def write_feature_file(
         index.create_dataset("digests", data=np.asarray(digests, dtype=object), dtype=STRING_DTYPE)
         index.create_dataset("skipped_paths", data=np.asarray([s["path"] for s in skipped], dtype=object), dtype=STRING_DTYPE)
         index.create_dataset("skipped_reasons", data=np.asarray([s["reason"] for s in skipped], dtype=object), dtype=STRING_DTYPE)
+        index.attrs["sha256"] = index_sha256(classes, paths, labels, digests)
         features = handle.create_group("features")
         features.attrs["order"] = np.asarray([meta.name for meta, _ in layers], dtype=object).astype(STRING_DTYPE)
         for meta, values in layers:

@@ -17,6 +17,8 @@ import importlib
 import json
 import os
 import secrets
+import socket
+import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Iterator
@@ -25,7 +27,7 @@ import numpy as np
 
 __all__ = [
     "canonical_json", "fingerprint", "array_sha256", "file_sha256", "forget_file_hashes", "temp_name", "atomic_file", "write_json",
-    "atomic_h5", "torch_save", "library_versions", "now_iso",
+    "atomic_h5", "torch_save", "library_versions", "now_iso", "writer_alive", "pid_alive", "remove_orphans",
 ]
 
 _HASH_BLOCK = 1 << 20
@@ -74,9 +76,70 @@ def forget_file_hashes() -> None:
 
 
 # ----------------------------------------------------------------------------- atomic writes
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
 def temp_name(final: Path) -> Path:
-    """The hidden temporary name a writer of ``final`` uses: ``.NAME.tmp.PID.RANDOM``."""
-    return final.with_name(f".{final.name}.tmp.{os.getpid()}.{secrets.token_hex(4)}")
+    """The hidden temporary name a writer of ``final`` uses: ``.NAME.tmp.PID.HOST.RANDOM``
+    (HOST: 8 hex digits of the host name's sha256), so a cache shared between machines can
+    tell whose writer a temporary file belongs to."""
+    return final.with_name(f".{final.name}.tmp.{os.getpid()}.{_host_tag()}.{secrets.token_hex(4)}")
+
+
+# A temporary file of another machine's writer is taken as orphaned once nobody has
+# written to it for this long (its pid cannot be checked from here); writers write
+# continuously, so an hour without a write is a dead writer, not a slow one.
+FOREIGN_TEMP_STALE_SECONDS = 3600.0
+
+
+def writer_alive(temp: str | os.PathLike) -> bool:
+    """Whether the process that writes the temporary file ``temp`` (named by
+    :func:`temp_name`) may still be writing it: its pid is alive on this host, or the
+    file is another host's and was written to recently. Names without a pid: dead."""
+    temp = Path(temp)
+    fields = temp.name.split(".tmp.")[-1].split(".")
+    try:
+        pid = int(fields[0])
+    except ValueError:
+        return False
+    if len(fields) >= 3 and fields[1] != _host_tag():
+        try:
+            return time.time() - temp.stat().st_mtime < FOREIGN_TEMP_STALE_SECONDS
+        except OSError:
+            return False
+    # Our own pid cannot be mid-write while we look for orphans: a file with it is a
+    # leftover of an earlier process that had the same pid.
+    return pid != os.getpid() and pid_alive(pid)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except (OverflowError, ValueError):
+        return False
+    return True
+
+
+def remove_orphans(pattern_root: str | os.PathLike, *patterns: str) -> list[tuple[Path, int]]:
+    """Delete the temporary files under ``pattern_root`` matching the glob ``patterns``
+    whose writer is dead (see :func:`writer_alive`); returns (path, bytes) removed."""
+    removed = []
+    for pattern in patterns:
+        for temp in Path(pattern_root).glob(pattern):
+            if ".tmp." in temp.name and not writer_alive(temp):
+                try:
+                    size = temp.stat().st_size
+                    temp.unlink()
+                except OSError:  # gone already (another cleaner) or not ours to remove
+                    continue
+                removed.append((temp, size))
+    return removed
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -104,13 +167,26 @@ def _create_exclusively(temp: Path, attempts: int = 5) -> None:
                 raise
 
 
+def _write_fault(error: BaseException, temp: Path) -> OSError | None:
+    """The OSError behind a failed write of ``temp``: ``error`` itself or what it was raised
+    from or while handling (torch.save turns a full disk into a RuntimeError), naming
+    ``temp`` or no file at all; None for anything else."""
+    chain = (error, error.__cause__, error.__context__) if isinstance(error, RuntimeError) else (error,)
+    for candidate in chain:
+        if (isinstance(candidate, OSError) and candidate.errno is not None and candidate.filename2 is None
+                and (candidate.filename is None or Path(os.fsdecode(candidate.filename)) == temp)):
+            return candidate
+    return None
+
+
 @contextlib.contextmanager
 def atomic_file(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write; on success it becomes ``final`` atomically.
 
     The caller writes the whole file to the yielded path (and closes it); this fsyncs
     it, renames it over ``final`` and fsyncs the folder. On any error the temporary
-    file is removed and ``final`` is left as it was.
+    file is removed and ``final`` is left as it was; a failed write (disk full,
+    read-only) raises an ``OSError`` that names ``final``, not the temporary name.
     """
     final = Path(final)
     temp = temp_name(final)
@@ -121,8 +197,14 @@ def atomic_file(final: str | os.PathLike) -> Iterator[Path]:
             os.fsync(raw.fileno())
         os.replace(temp, final)
         _fsync_folder(final.parent)
+    except Exception as error:
+        fault = _write_fault(error, temp)
+        if fault is not None:  # name the file the user knows (same errno, so the same OSError subclass)
+            raise OSError(fault.errno, fault.strerror, str(final)) from error
+        raise
     finally:
-        temp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # never hide the error above (a read-only or full disk)
+            temp.unlink(missing_ok=True)
 
 
 def write_json(path: str | os.PathLike, value: dict) -> Path:
@@ -135,18 +217,101 @@ def write_json(path: str | os.PathLike, value: dict) -> Path:
     return path
 
 
+class _SpillAfterFailure:
+    """The temporary file under an HDF5 writer, as h5py's ``fileobj`` driver uses it:
+    after the first write that fails, later writes are kept in memory instead.
+
+    Why: with HDF5's own driver, a failed write (disk full) leaves HDF5's state broken:
+    closing the file flushes again and fails, and HDF5 crashes when the file is closed
+    or collected (segfault, exit 139; seen with h5py 3.16 / HDF5 2.0 on a full tmpfs,
+    also after a retried close or when later writes are dropped). Here HDF5 never sees
+    a failure: it finishes and closes the file normally, reading back what it wrote
+    from memory, and :func:`atomic_h5` then raises the first error; the file is removed.
+    Only after a failure does memory hold bytes: those written after it (at most the
+    rest of the file, whose arrays the caller holds anyway). Speed is close to HDF5's
+    own driver (measured: 369 MiB of chunked float16 in 0.28-0.31 s vs 0.26-0.28 s).
+    """
+
+    def __init__(self, path: Path):
+        self._fd = os.open(path, os.O_RDWR)
+        self._spilled: list[tuple[int, bytes]] = []  # (offset, bytes) written after the failure, in order
+        self._position = 0
+        self.error: OSError | None = None
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._position, os.SEEK_END: self._size()}[whence]
+        self._position = base + offset
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def _size(self) -> int:
+        return max([os.fstat(self._fd).st_size, *(at + len(data) for at, data in self._spilled)])
+
+    def read(self, size: int = -1) -> bytes:
+        start = self._position
+        size = max(0, self._size() - start) if size < 0 else size
+        data = bytearray(os.pread(self._fd, size, start))
+        if self._spilled:
+            data.extend(bytes(max(0, min(size, self._size() - start) - len(data))))
+            for at, chunk in self._spilled:  # later writes win
+                low, high = max(at, start), min(at + len(chunk), start + len(data))
+                if low < high:
+                    data[low - start:high - start] = chunk[low - at:high - at]
+        self._position += len(data)
+        return bytes(data)
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if self.error is None:
+            try:
+                done = 0
+                while done < len(view):  # a short write (the disk filling up) continues, then fails
+                    done += os.pwrite(self._fd, view[done:], self._position + done)
+            except OSError as error:
+                self.error = error
+        if self.error is not None:
+            self._spilled.append((self._position, bytes(view)))
+        self._position += len(view)
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self._position if size is None else size
+        if self.error is None:
+            try:
+                os.ftruncate(self._fd, size)
+            except OSError as error:
+                self.error = error
+        return size
+
+    def flush(self) -> None:
+        """Nothing is buffered here; :func:`atomic_file` fsyncs the finished file."""
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
 @contextlib.contextmanager
 def atomic_h5(final: str | os.PathLike):
     """An open, writable ``h5py.File`` that appears at ``final`` complete or not at all.
 
     A killed HDF5 writer leaves an unreadable file, which is why nothing is ever
-    appended to a file a reader may open.
+    appended to a file a reader may open. A write that fails (disk full, quota) raises
+    that ``OSError`` naming ``final``, after the file is closed cleanly and removed.
     """
     import h5py
 
+    final = Path(final)
     with atomic_file(final) as temp:
-        with h5py.File(temp, "w", libver=("earliest", "v110")) as handle:
-            yield handle
+        sink = _SpillAfterFailure(temp)
+        try:
+            with h5py.File(sink, "w", libver=("earliest", "v110")) as handle:
+                yield handle
+        finally:
+            sink.close()
+        if sink.error is not None:
+            raise OSError(sink.error.errno, sink.error.strerror, str(final))
 
 
 def torch_save(obj, final: str | os.PathLike) -> Path:

@@ -29,7 +29,7 @@ from .errors import ImageDecodeError
 from .images import DEFAULT_MAX_PIXELS
 from .layers import Tap, build_tap_extractor
 from .models import ModelSpec, Preprocessing
-from .pooling import pool
+from .pooling import check_grid_fits, pool
 from .preprocess import load_pixels, normalize
 from .scan import read_image_file
 
@@ -173,7 +173,9 @@ class Forward:
             for tap in self.taps:
                 tensor = outputs[tap.node]
                 if tap.name not in self.tap_shapes:
-                    self.tap_shapes[tap.name] = tuple(int(v) for v in tensor.shape[1:])
+                    shape = tuple(int(v) for v in tensor.shape[1:])
+                    check_grid_fits(tap.name, tap.node, shape, self.pools.get(tap.name, "avg"), self.prep.crop_size)
+                    self.tap_shapes[tap.name] = shape
                 pooled[tap.name] = pool(tensor, self.pools.get(tap.name, "avg")).cpu().numpy()
         return pooled
 

@@ -6,6 +6,16 @@ Why each rule exists (one line each):
   gzip bomb, CVE-2026-40192) and never hold photos.
 - Pixel count is capped from the header before decoding: a small file can claim gigapixels
   (decompression bomb) and exhaust memory.
+- Aspect ratio can be capped from the header too (``max_aspect_ratio``; the network's
+  resize in :mod:`tlp.preprocess` asks for ``MAX_ASPECT_RATIO``, 64:1). That resize scales
+  the *shorter* side to about the crop size, so memory after it grows with the ratio: a PNG
+  of a few hundred bytes holding 60000x2 pixels (well under the pixel cap) resizes to
+  2,190,000 x 73 pixels at image size 64 and 7,680,000 x 256 (6 GB) at the default size;
+  measured peaks were 4 GB for four such files at image size 64 and 13 GB at the default
+  size. Real photos stay far below 64:1: cameras shoot 1:1 to 21:9, 360-degree panoramas
+  are 2:1 (equirectangular) to about 7:1 (12000x2000 is 6:1), and long stitched panoramas
+  rarely pass 20:1. At the cap, one resized image holds 64 square crops' worth of pixels
+  (12 MB at the default size). The decoder itself has no cap: thin strips decode fine.
 - Pillow's globals (``MAX_IMAGE_PIXELS``, ``LOAD_TRUNCATED_IMAGES``) are never changed:
   they are process-wide, so changing them would alter every other caller.
 - ``decode_image`` forces a full ``load()``: ``Image.open`` is lazy and ``verify()`` passes
@@ -48,6 +58,7 @@ __all__ = [
     "ALLOWED_FORMATS",
     "DECODER_ID",
     "DEFAULT_MAX_PIXELS",
+    "MAX_ASPECT_RATIO",
     "decode_image",
     "probe_image",
 ]
@@ -56,6 +67,10 @@ logger = logging.getLogger(__name__)
 
 #: Images with more pixels than this are refused; equal to Pillow's own ``MAX_IMAGE_PIXELS``.
 DEFAULT_MAX_PIXELS: int = 89_478_485
+
+#: Network inputs whose long side is more than this many times their short side are refused
+#: before decoding (see above).
+MAX_ASPECT_RATIO: int = 64
 
 #: Pillow format names this module decodes; everything else is refused.
 #: MPO is a JPEG with extra frames (as written by many cameras).
@@ -81,7 +96,7 @@ _PREVIEW_BYTES = 16
 
 
 def probe_image(
-    data: bytes, path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS
+    data: bytes, path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect_ratio: int | None = None
 ) -> tuple[str, int, int]:
     """Check an image file's header without decoding its pixels.
 
@@ -93,6 +108,8 @@ def probe_image(
         The file as the user named it; only used in error messages.
     max_pixels : int, optional
         Largest accepted ``width * height``.
+    max_aspect_ratio : int, optional
+        Largest accepted ratio of the long side to the short side (None: any).
 
     Returns
     -------
@@ -103,18 +120,19 @@ def probe_image(
     ------
     ImageDecodeError
         Empty file, not an image, a format outside ``ALLOWED_FORMATS``, an unreadable header,
-        or more than ``max_pixels`` pixels. A truncated file usually passes: only
+        more than ``max_pixels`` pixels, or a long side more than ``max_aspect_ratio`` times
+        the short side. A truncated file usually passes: only
         :func:`decode_image` reads the pixel data and catches it.
     TlpInputError
         ``max_pixels`` is not a positive integer.
     """
     _check_max_pixels(max_pixels)
     with _open(data, path) as image:
-        return _check_header(image, path, max_pixels)
+        return _check_header(image, path, max_pixels, max_aspect_ratio)
 
 
 def decode_image(
-    data: bytes, path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS
+    data: bytes, path: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect_ratio: int | None = None
 ) -> Image.Image:
     """Decode an image file's bytes to an 8-bit RGB image, the same way every time.
 
@@ -127,6 +145,9 @@ def decode_image(
     max_pixels : int, optional
         Largest accepted ``width * height``. Pillow itself still refuses images above twice
         its global ``MAX_IMAGE_PIXELS`` at open time; that is reported the same way.
+    max_aspect_ratio : int, optional
+        Largest accepted ratio of the long side to the short side, checked from the header
+        before any pixel is decoded (None: any).
 
     Returns
     -------
@@ -161,7 +182,7 @@ def decode_image(
             "truncated images will not be detected"
         )
     with _open(data, path) as image:
-        _check_header(image, path, max_pixels)
+        _check_header(image, path, max_pixels, max_aspect_ratio)
         _load_first_frame(image, path)
         oriented = _apply_exif_orientation(image, path)
         return _to_rgb(oriented, path)
@@ -253,8 +274,9 @@ def _preview(prefix: bytes) -> str:
     )
 
 
-def _check_header(image: Image.Image, path: str, max_pixels: int) -> tuple[str, int, int]:
-    """Return ``(format, width, height)`` after checking format and pixel count."""
+def _check_header(image: Image.Image, path: str, max_pixels: int,
+                  max_aspect_ratio: int | None) -> tuple[str, int, int]:
+    """Return ``(format, width, height)`` after checking format, pixel count and shape."""
     fmt = image.format or "unknown"
     if fmt not in ALLOWED_FORMATS:
         # Image.open(formats=...) already restricts this; kept so a plugin that reports a
@@ -269,6 +291,14 @@ def _check_header(image: Image.Image, path: str, max_pixels: int) -> tuple[str, 
             path,
             f"image is {width}x{height} = {pixels} pixels, more than the limit of "
             f"{max_pixels} pixels (decompression bomb guard)",
+        )
+    long, short = max(width, height), min(width, height)
+    if max_aspect_ratio is not None and long > max_aspect_ratio * short:
+        raise ImageDecodeError(
+            path,
+            f"image is {width}x{height}: its long side is {long // short} times its short side, more than "
+            f"the limit of {max_aspect_ratio} (resizing its short side for the network would take "
+            f"{long // short} times the memory of a square photo; no camera or panorama comes near)",
         )
     return fmt, width, height
 

@@ -139,12 +139,15 @@ class ModelSpec:
         return model.eval()
 
     def identity(self) -> dict:
-        """The fields that decide the numbers, for the cache fingerprint."""
+        """The fields that decide the numbers, for the cache fingerprint.
+
+        A weights file is identified by its sha256 alone, not its name: a renamed or
+        copied file with the same bytes computes the same numbers."""
         return {
             "name": self.name,
             "arch": self.arch,
             "source": self.source,
-            "weights_id": self.weights_id,
+            "weights_id": "file" if self.weights_id.startswith("file:") else self.weights_id,
             "weights_sha256": self.weights_sha256,
             "preprocessing": self.preprocessing.to_dict(),
         }

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .data import as_dataset
+from .data import as_dataset, require_classes
 from .dataset import Dataset
 from .errors import TlpInputError
 from .settings import DEFAULT_MODEL, ExtractSettings, ModelOptions, PlanSettings, resolve_cache_dir, route_options
@@ -198,8 +198,8 @@ def measure_similarity(data, options: ModelOptions | None = None, plan: PlanSett
     from .transferability import logme
 
     extraction, plan = _settings(options, plan, overrides, "measure_similarity()")
-    sample = _sample(as_dataset(data, on_error=extraction.on_error, max_pixels=extraction.max_pixels),
-                     plan.max_images, plan.seed)
+    dataset = require_classes(as_dataset(data, on_error=extraction.on_error, max_pixels=extraction.max_pixels))
+    sample = _sample(dataset, plan.max_images, plan.seed)
     result = extract(sample, extraction)
     with FeatureFile(result.path) as features:
         y = features.labels
@@ -272,7 +272,7 @@ def advise(data, options: ModelOptions | None = None, plan: PlanSettings | None 
     the printed next command names the data (default: the data set's own name).
     """
     extraction, plan = _settings(options, plan, overrides, "advise()")
-    dataset = as_dataset(data, on_error=extraction.on_error, max_pixels=extraction.max_pixels)
+    dataset = require_classes(as_dataset(data, on_error=extraction.on_error, max_pixels=extraction.max_pixels))
     size = _size_evidence(dataset, plan.large_per_class)
     similarity = measure_similarity(dataset, extraction, plan)
     case = (3 if similarity["similar"] else 4) if size["large"] else (1 if similarity["similar"] else 2)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .errors import TlpInputError
 
-__all__ = ["check_pooling", "parse_pooling", "pooling_for_taps", "pool", "pooled_dim"]
+__all__ = ["check_pooling", "check_grid_fits", "parse_pooling", "pooling_for_taps", "pool", "pooled_dim"]
 
 # ``auto`` keeps a 2 x 2 layout where spatial information is still local (early and mid
 # depths) and averages late maps. On the built-in digits at 96 px (test accuracy of a
@@ -71,6 +71,25 @@ def pooling_for_taps(text: str, tap_names: list[str]) -> dict[str, str]:
         else:
             chosen[name] = default
     return chosen
+
+
+def check_grid_fits(layer: str, node: str, shape: tuple[int, ...], name: str, image_size: int) -> None:
+    """Refuse ``gridK`` on a tap whose (C, H, W) map is smaller than K x K.
+
+    An adaptive K x K average over a smaller map only repeats its values: no information,
+    C*K*K floats per image (grid99 on a 2x2 map wrote 1.2 GB for 48 images). Called on the
+    first batch, the first time a tap's shape is known, before anything is written.
+    """
+    match = _GRID.match(name or "")
+    if len(shape) != 3 or match is None:
+        return
+    grid, height, width = int(match.group(1)), shape[1], shape[2]
+    if grid > min(height, width):
+        raise TlpInputError(
+            f"--pool {name} for layer {layer!r} (node {node}) needs a feature map of at least {grid}x{grid}, but "
+            f"at --image-size {image_size} it is {height}x{width}: use grid{min(height, width)} or smaller (the "
+            f"largest that fits), avg, or a larger --image-size"
+        )
 
 
 def pool(features: torch.Tensor, name: str) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .images import DEFAULT_MAX_PIXELS, decode_image
+from .images import DEFAULT_MAX_PIXELS, MAX_ASPECT_RATIO, decode_image
 from .models import Preprocessing
 
 __all__ = ["RESIZE_METHOD", "load_pixels", "resize_and_crop", "normalize"]
@@ -30,12 +30,15 @@ def _resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
 
 def load_pixels(data: bytes, name: str, prep: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """Encoded image bytes -> uint8 tensor (3, crop, crop): the one decode path of every
-    stage (extraction, prediction, fine-tuning). Raises ImageDecodeError naming ``name``."""
-    return resize_and_crop(decode_image(data, name, max_pixels=max_pixels), prep)
+    stage (extraction, prediction, fine-tuning). Raises ImageDecodeError naming ``name``,
+    also for an aspect ratio beyond MAX_ASPECT_RATIO, from the header, before decoding:
+    resizing its short side would need that many crops' worth of memory or more."""
+    return resize_and_crop(decode_image(data, name, max_pixels=max_pixels, max_aspect_ratio=MAX_ASPECT_RATIO), prep)
 
 
 def resize_and_crop(image: Image.Image | np.ndarray, prep: Preprocessing) -> torch.Tensor:
-    """RGB image (PIL or uint8 HxWx3 array) -> uint8 tensor (3, crop, crop)."""
+    """RGB image (PIL or uint8 HxWx3 array) -> uint8 tensor (3, crop, crop), channels-last
+    strides, owning its memory (:func:`load_pixels` refuses extreme aspect ratios first)."""
     array = np.array(image, dtype=np.uint8)  # a writable copy: torch refuses read-only views
     height, width = array.shape[:2]
     new_width, new_height = _resized_size(width, height, prep.resize_size)
@@ -53,7 +56,9 @@ def resize_and_crop(image: Image.Image | np.ndarray, prep: Preprocessing) -> tor
     # Same offsets as torchvision.transforms.functional.center_crop.
     top = int(round((new_height - crop) / 2.0))
     left = int(round((new_width - crop) / 2.0))
-    return pixels[0, :, top:top + crop, left:left + crop]
+    # A copy of the crop (channels-last, as before), so the resized image, up to
+    # MAX_ASPECT_RATIO crops' worth of pixels, is freed now, not when the batch is stacked.
+    return pixels[0, :, top:top + crop, left:left + crop].permute(1, 2, 0).contiguous().permute(2, 0, 1)
 
 
 def normalize(batch: torch.Tensor, prep: Preprocessing) -> torch.Tensor:

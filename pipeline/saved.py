@@ -1,40 +1,80 @@
-"""Saved models: one folder format for both kinds, written, verified and loaded here.
+"""Saved models: one folder format for both kinds, written, checked and loaded here.
 
-A saved model is a folder with a JSON spec (``model.json``) and one weights file:
+A saved model is a folder with a JSON spec (``model.json``) and the one weights file it
+names, beside it:
 
-- a *head* on cached features (``tlp sweep --out``): ``head.joblib``, the refit winner,
-  and a spec naming everything that made its features (model and weights sha256, layer,
-  node, pooling, preprocessing, precision, storage dtype), so prediction recomputes
-  exactly those features;
-- a *fine-tuned network* (``tlp finetune --out``): ``model.pt``, a state dict, and a spec
-  naming the model, preprocessing, precision, classifier module and recipe.
+- a *head* on cached features (``tlp sweep --out``): ``head-<sha12>.skops``, the refit
+  winner in skops format, and a spec naming everything that made its features (model
+  and weights sha256, layer, node, pooling, preprocessing, precision, storage dtype), so
+  prediction recomputes exactly those features;
+- a *fine-tuned network* (``tlp finetune --out``): ``model-<sha12>.pt``, a state dict,
+  and a spec naming the model, preprocessing, precision, classifier module and recipe;
+  ``model.pt``, the name tlp 0.2 used, is a link to it for scripts that load that name.
 
-``format`` (``tlp-head-v1`` or ``tlp-finetuned-v1``) names the kind and its version. Both
-specs record the sha256 of their weights file and the library versions; loading checks
-the sha256 before reading the file, and a head saved by another major scikit-learn
-version is refused before it is unpickled, because unpickling executes code and a
-version change can silently change results.
+A model folder is data, never code: whoever can write it must not get code run by the
+person who predicts with it. So the spec is validated before anything else is read;
+every file it names is a plain name that resolves inside the folder; a head loads with
+``skops.io`` and only the types tlp's heads contain (:data:`HEAD_TYPES`); a state dict
+loads with ``torch.load(weights_only=True)``. The sha256 recorded in the spec catches
+corruption, not attacks (an attacker rewrites both). The pickle heads of ``tlp-head-v1``
+(``head.joblib``) load only when the caller says it trusts them (``--trust-pickle``).
+
+Replacement is atomic: the weights go to a new, content-addressed name, then the spec
+that names them replaces the old spec in one rename, and only then are the old weights
+removed. A reader, a failed write (disk full) or a kill sees the old model or the new
+one, never a spec naming missing or mismatched weights.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .errors import TlpInputError
 from .featurefile import FeatureFile
-from .files import atomic_file, file_sha256, library_versions, torch_save, write_json
+from .files import atomic_file, library_versions, remove_orphans, temp_name, write_json
 
-__all__ = ["SPEC_NAME", "HEAD_NAME", "WEIGHTS_NAME", "HEAD_FORMAT", "FINETUNED_FORMAT", "SavedModel", "SavedHead",
-           "SavedFinetuned",
-           "save_head", "save_finetuned", "load_model"]
+__all__ = ["SPEC_NAME", "HEAD_FORMAT", "PICKLE_HEAD_FORMAT", "FINETUNED_FORMAT", "HEAD_TYPES", "SavedModel",
+           "SavedHead", "SavedFinetuned", "save_head", "save_finetuned", "load_model"]
 
 SPEC_NAME = "model.json"
-HEAD_NAME = "head.joblib"
-WEIGHTS_NAME = "model.pt"
-HEAD_FORMAT = "tlp-head-v1"
-FINETUNED_FORMAT = "tlp-finetuned-v1"
+HEAD_FORMAT = "tlp-head-v2"  # head-<sha12>.skops
+PICKLE_HEAD_FORMAT = "tlp-head-v1"  # head.joblib: read with trust_pickle=True only
+FINETUNED_FORMAT = "tlp-finetuned-v1"  # model-<sha12>.pt (model.pt before the atomic layout)
+LEGACY_WEIGHTS_NAME = "model.pt"  # now a link to model-<sha12>.pt
+# The types beyond skops's defaults that tlp's heads hold (``skops.io.get_untrusted_types``
+# of every head in heads.HEADS, fitted on 3 to 1,280 dimensions in float32 and float64).
+# A head file holding any other type is refused.
+HEAD_TYPES = (
+    "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",  # MLPClassifier(solver="adam")
+    "sklearn.neighbors._kd_tree.KDTree",  # KNeighborsClassifier(algorithm="auto"), few dimensions
+    "sklearn.neighbors._ball_tree.BallTree",
+    "sklearn.metrics._dist_metrics.EuclideanDistance64",  # the trees' metric
+    "sklearn.metrics._dist_metrics.EuclideanDistance32",
+)
+# Names of weights files tlp writes: the only files a new save removes (those the
+# replaced spec named), so a crafted spec cannot make a save delete plots or reports.
+_WEIGHTS_FILE = re.compile(r"head-[0-9a-f]{12}\.skops|model-[0-9a-f]{12}\.pt|head\.joblib|model\.pt")
+_NONE = type(None)
+_COMMON_KEYS = {"model": str, "weights": (str, _NONE), "weights_sha256": (str, _NONE),
+                "image_size": (int, _NONE), "preprocessing": dict, "precision": str, "classes": list,
+                "versions": dict}
+_KEYS = {
+    HEAD_FORMAT: {**_COMMON_KEYS, "layer": str, "node": str, "pooling": str, "storage_dtype": str, "head": dict},
+    FINETUNED_FORMAT: {**_COMMON_KEYS, "classifier": str, "finetuned": dict},
+}
+_KEYS[PICKLE_HEAD_FORMAT] = _KEYS[HEAD_FORMAT]
+_ENTRY_KEYS = {"head": {"name": str, "params": dict, "file": str, "sha256": str},
+               "finetuned": {"file": str, "sha256": str}}
+_PRECISIONS = ("fp32", "bf16", "fp16")
+logger = logging.getLogger(__name__)
 
 
 def _versions() -> dict:
@@ -72,92 +112,300 @@ class SavedFinetuned(SavedModel):
 # ----------------------------------------------------------------------------- writing
 def save_head(directory: str | os.PathLike, estimator, *, head: str, params: dict, layer: str,
               features: FeatureFile, model: str, weights: str | None) -> Path:
-    """Write ``head.joblib`` and ``model.json`` into ``directory``; returns the spec path.
+    """Write the head (``head-<sha12>.skops``) and ``model.json`` into ``directory``,
+    replacing the model there atomically; returns the spec path.
 
     Everything about the features comes from the cache file they were read from;
     ``model`` and ``weights`` are the ``--model`` and ``--weights`` values the extraction
     used (``resnet50:IMAGENET1K_V1``, a weights file, ``"none"`` or None), which
     prediction needs to build the same network with the same preprocessing.
     """
-    import joblib
+    import zipfile
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    head_path = directory / HEAD_NAME
-    with atomic_file(head_path) as temp:
-        joblib.dump(estimator, temp)
+    import skops.io
+
+    buffer = io.BytesIO()
+    skops.io.dump(estimator, buffer, compression=zipfile.ZIP_DEFLATED)  # kNN heads hold their rows: 3x smaller
     meta, attrs = features.layer_meta(layer), features.attrs
-    return write_json(directory / SPEC_NAME, {
+    spec = {
         "format": HEAD_FORMAT, "model": model, "weights": weights, "weights_id": attrs["weights_id"],
         "weights_sha256": attrs["weights_sha256"], "image_size": attrs["preprocessing"]["crop_size"],
         "preprocessing": attrs["preprocessing"], "precision": attrs["precision"], "layer": layer, "node": meta.node,
         "pooling": meta.pooling, "storage_dtype": str(features.stored_dtype(layer)), "classes": features.classes,
-        "head": {"name": head, "params": params, "file": HEAD_NAME, "sha256": file_sha256(head_path)},
         "cache_key": features.key, "versions": _versions(),
-    })
+    }
+    return _commit(Path(directory), buffer.getvalue(), "head", ".skops",
+                   lambda entry: {**spec, "head": {"name": head, "params": params, **entry}})
 
 
 def save_finetuned(directory: str | os.PathLike, state_dict: dict, *, spec: dict) -> Path:
-    """Write ``model.pt`` (a state dict that loads with ``weights_only=True``) and
-    ``model.json`` (``spec`` plus format, file checksum and versions) into ``directory``."""
-    directory = Path(directory)
-    weights = torch_save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, directory / WEIGHTS_NAME)
-    return write_json(directory / SPEC_NAME, {
-        "format": FINETUNED_FORMAT, **spec, "finetuned": {"file": WEIGHTS_NAME, "sha256": file_sha256(weights)},
-        "versions": _versions(),
-    })
+    """Write ``model-<sha12>.pt`` (a state dict that loads with ``weights_only=True``) and
+    ``model.json`` (``spec`` plus format, file checksum and versions) into ``directory``,
+    replacing the model there atomically."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, buffer)
+    return _commit(Path(directory), buffer.getvalue(), "model", ".pt", lambda entry: {
+        "format": FINETUNED_FORMAT, **spec, "finetuned": entry, "versions": _versions()})
 
 
-# ----------------------------------------------------------------------------- loading
+def _commit(directory: Path, data: bytes, stem: str, suffix: str, spec_with: Callable[[dict], dict]) -> Path:
+    """Replace the folder's model with ``data`` and the spec ``spec_with({"file", "sha256"})``.
+
+    The weights are written (atomically) under a name no live spec uses unless it holds
+    the same bytes; the spec rename is the one moment the model changes; the weights the
+    replaced spec named are removed after it. Temporary files of dead writers (a killed
+    save or checkpoint) go first. A failed spec write removes the new weights again.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    remove_orphans(directory, ".*.tmp.*")
+    replaced = _weights_named(directory)
+    sha = hashlib.sha256(data).hexdigest()
+    entry = {"file": f"{stem}-{sha[:12]}{suffix}", "sha256": sha}
+    weights = directory / entry["file"]
+    with atomic_file(weights) as temp:
+        temp.write_bytes(data)
+    try:
+        spec_path = write_json(directory / SPEC_NAME, spec_with(entry))
+    except BaseException:
+        if entry["file"] not in _weights_named(directory):
+            weights.unlink(missing_ok=True)
+        raise
+    if stem == "model":
+        _point_alias(directory / LEGACY_WEIGHTS_NAME, entry["file"])
+    for name in replaced - {entry["file"], LEGACY_WEIGHTS_NAME}:
+        (directory / name).unlink(missing_ok=True)
+    return spec_path
+
+
+def _point_alias(alias: Path, target: str) -> None:
+    """Make ``alias`` (``model.pt``, the name tlp 0.2 wrote and scripts may load) a
+    relative link to ``target``, replacing it in one rename: it never names a missing
+    or half-written file."""
+    temp = temp_name(alias)
+    try:
+        os.symlink(target, temp)
+        os.replace(temp, alias)
+    except OSError as error:  # a file system without links: the spec still names the weights
+        temp.unlink(missing_ok=True)
+        logger.info("could not link %s to %s (%s)", alias.name, target, error)
+
+
+def _weights_named(directory: Path) -> set[str]:
+    """The weights files (tlp's own names only) that the folder's current spec names."""
+    try:
+        spec = json.loads((directory / SPEC_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    entries = [spec.get(key) for key in _ENTRY_KEYS] if isinstance(spec, dict) else []
+    return {e["file"] for e in entries if isinstance(e, dict) and isinstance(e.get("file"), str)
+            and _WEIGHTS_FILE.fullmatch(e["file"])}
+
+
+# ----------------------------------------------------------------------------- checking the spec
+class _MissingFile(TlpInputError):
+    """A file the spec names is not there (perhaps replaced by a save since the spec was read)."""
+
+
+def _command(spec: dict) -> str:
+    return "tlp finetune" if spec.get("format") == FINETUNED_FORMAT else "tlp sweep"
+
+
+def _short(value) -> str:
+    import reprlib
+
+    return reprlib.repr(value)
+
+
 def _read_spec(directory: Path) -> dict:
-    import json
-
+    """model.json, parsed and validated: a JSON object of a known format whose keys have
+    the right types; nothing it names has been read yet."""
     spec_path = directory / SPEC_NAME
     if not spec_path.is_file():
         raise TlpInputError(f"{str(directory)!r} holds no {SPEC_NAME}; pass a folder written by "
                             "`tlp sweep --out` or `tlp finetune --out`")
     try:
-        return json.loads(spec_path.read_text(encoding="utf-8"))
-    except ValueError as error:
+        spec = json.loads(spec_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
         raise TlpInputError(f"{spec_path} is not valid JSON ({error}); re-run the `tlp sweep --out` or "
                             "`tlp finetune --out` that wrote this folder") from None
+    if not isinstance(spec, dict):
+        raise TlpInputError(f"{spec_path} holds a JSON {type(spec).__name__}, not an object; re-run the "
+                            "`tlp sweep --out` or `tlp finetune --out` that wrote this folder")
+    if spec.get("format") not in _KEYS:
+        raise TlpInputError(f"{spec_path} has format {_short(spec.get('format'))}, expected one of "
+                            f"{', '.join(map(repr, _KEYS))}; re-run the command that wrote it with this tlp")
+    _check_keys(spec_path, spec, _KEYS[spec["format"]], "")
+    entry = "head" if "head" in _KEYS[spec["format"]] else "finetuned"
+    _check_keys(spec_path, spec[entry], _ENTRY_KEYS[entry], f"{entry}.")
+    _check_values(spec_path, spec)
+    return spec
 
 
-def _verified_file(directory: Path, entry: dict, command: str) -> Path:
-    """The file an entry of model.json names, if its bytes still match the recorded sha256."""
-    path = directory / entry["file"]
+def _has_type(value, kinds) -> bool:
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    return isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+
+
+def _check_keys(spec_path: Path, mapping: dict, keys: dict, prefix: str) -> None:
+    for key, kinds in keys.items():
+        if key not in mapping:
+            raise TlpInputError(f"{spec_path} lacks the key {prefix}{key!r}; re-run the command that wrote the "
+                                "folder (`tlp sweep --out` or `tlp finetune --out`)")
+        if not _has_type(mapping[key], kinds):
+            names = " or ".join(k.__name__.replace("NoneType", "null")
+                                for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
+            raise TlpInputError(f"{spec_path}: {prefix}{key} must be {names}, got {_short(mapping[key])}; re-run "
+                                "the command that wrote the folder (`tlp sweep --out` or `tlp finetune --out`)")
+
+
+def _check_values(spec_path: Path, spec: dict) -> None:
+    classes, fix = spec["classes"], f"re-run `{_command(spec)} --out` to write the folder again"
+    if len(classes) < 2 or not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(classes):
+        raise TlpInputError(f"{spec_path}: classes must be a list of at least 2 distinct names, got "
+                            f"{_short(classes)}; {fix}")
+    if spec["precision"] not in _PRECISIONS:
+        raise TlpInputError(f"{spec_path}: precision must be one of {', '.join(_PRECISIONS)}, got "
+                            f"{_short(spec['precision'])}; {fix}")
+    if spec["image_size"] is not None and spec["image_size"] <= 0:
+        raise TlpInputError(f"{spec_path}: image_size must be a positive integer, got {spec['image_size']}; {fix}")
+    if "storage_dtype" in spec and spec["storage_dtype"] not in ("float16", "float32", "float64"):
+        raise TlpInputError(f"{spec_path}: storage_dtype must be float16, float32 or float64, got "
+                            f"{_short(spec['storage_dtype'])}; {fix}")
+
+
+def _inside(directory: Path, spec: dict, key: str) -> Path:
+    """The file ``spec[key]["file"]`` names, if it is a plain name that resolves inside
+    the folder (no absolute path, no ``..``, no symbolic link out of it)."""
+    spec_path, name = directory / SPEC_NAME, spec[key]["file"]
+    separators = {"/", "\\", os.sep, os.altsep} - {None}
+    if not name or name in (".", "..") or "\0" in name or any(s in name for s in separators):
+        raise TlpInputError(f"{spec_path}: {key}.file {name!r} is not a plain file name beside {SPEC_NAME}; a saved "
+                            f"model only names files inside its folder, so nothing is read; re-run "
+                            f"`{_command(spec)} --out` to write the folder again")
+    root = os.path.realpath(directory)
+    path = os.path.realpath(os.path.join(root, name))
+    if os.path.dirname(path) != root:
+        raise TlpInputError(f"{spec_path}: {key}.file {name!r} is a link to {path!r}, outside the folder; a saved "
+                            f"model only names files inside its folder, so nothing is read; re-run "
+                            f"`{_command(spec)} --out` to write the folder again")
+    return Path(path)
+
+
+def _verified_bytes(directory: Path, spec: dict, key: str) -> tuple[Path, bytes]:
+    """The bytes of the file ``spec[key]`` names, if they match its recorded sha256 (read
+    once: what is checked is what is loaded)."""
+    path, command = _inside(directory, spec, key), _command(spec)
+    shown = str(directory / spec[key]["file"])
     if not path.is_file():
-        raise TlpInputError(f"file {str(path)!r} is missing; re-run `{command} --out`")
-    if file_sha256(path) != entry["sha256"]:
+        raise _MissingFile(f"file {shown!r} named by {directory / SPEC_NAME} is missing; re-run `{command} --out`")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != spec[key]["sha256"]:
         raise TlpInputError(
-            f"file {str(path)!r} does not match the sha256 in {SPEC_NAME}: it was modified "
+            f"file {shown!r} does not match the sha256 in {SPEC_NAME}: it was modified "
             f"or corrupted, so it is not loaded; re-run `{command} --out` to write it again"
         )
-    return path
+    return path, data
 
 
-def load_model(directory: str | os.PathLike) -> SavedHead | SavedFinetuned:
-    """Load a saved model folder after checking it: a head (sha256 and scikit-learn major
-    version, before anything is unpickled) or a fine-tuned network (sha256, then a
-    ``weights_only`` load that runs no code)."""
+def _one_line(error: BaseException) -> str:
+    return " ".join(f"{type(error).__name__}: {error}".split())[:300]
+
+
+# ----------------------------------------------------------------------------- loading
+def load_model(directory: str | os.PathLike, *, trust_pickle: bool = False) -> SavedHead | SavedFinetuned:
+    """Load a saved model folder after checking it (see the module docstring); nothing it
+    holds can run code. ``trust_pickle=True`` also loads a ``tlp-head-v1`` pickle head,
+    which can: only for files you wrote yourself."""
     directory = Path(directory)
     spec = _read_spec(directory)
-    if spec.get("format") == FINETUNED_FORMAT:
-        import torch
+    try:
+        return _load(directory, spec, trust_pickle)
+    except _MissingFile:
+        again = _read_spec(directory)  # a save replaced the model between our two reads
+        if again == spec:
+            raise
+        return _load(directory, again, trust_pickle)
 
-        weights = _verified_file(directory, spec["finetuned"], "tlp finetune")
-        return SavedFinetuned(directory, spec, torch.load(weights, map_location="cpu", weights_only=True))
-    if spec.get("format") != HEAD_FORMAT:
-        raise TlpInputError(f"{directory / SPEC_NAME} has format {spec.get('format')!r}, expected "
-                            f"{HEAD_FORMAT!r} or {FINETUNED_FORMAT!r}")
-    import joblib
+
+def _load(directory: Path, spec: dict, trust_pickle: bool) -> SavedHead | SavedFinetuned:
+    if spec["format"] == FINETUNED_FORMAT:
+        return SavedFinetuned(directory, spec, _load_state_dict(directory, spec))
+    if spec["format"] == PICKLE_HEAD_FORMAT and not trust_pickle:
+        raise TlpInputError(
+            f"{directory / SPEC_NAME} names a pickle head ({spec['head']['file']!r}, format {PICKLE_HEAD_FORMAT}), "
+            f"and loading a pickle can run any code, so it is not loaded; re-save the model by running "
+            f"`tlp sweep ... --out {directory}` again, or pass --trust-pickle if you wrote this file yourself")
     import sklearn
 
-    head_path = _verified_file(directory, spec["head"], "tlp sweep")
-    saved_major = str(spec["versions"]["sklearn"]).split(".")[0]
-    if saved_major != sklearn.__version__.split(".")[0]:
+    saved_version = str(spec["versions"].get("sklearn"))
+    if saved_version.split(".")[0] != sklearn.__version__.split(".")[0]:
         raise TlpInputError(
-            f"head file {str(head_path)!r} was saved by scikit-learn {spec['versions']['sklearn']}, this is "
+            f"head file {str(directory / spec['head']['file'])!r} was saved by scikit-learn {saved_version}, this is "
             f"{sklearn.__version__}; it is not loaded: re-run `tlp sweep --out` with this version"
         )
-    return SavedHead(directory, spec, joblib.load(head_path))
+    path, data = _verified_bytes(directory, spec, "head")
+    estimator = _unpickle(path, data) if spec["format"] == PICKLE_HEAD_FORMAT else _skops_head(path, data)
+    _check_head_classes(directory, spec, estimator)
+    return SavedHead(directory, spec, estimator)
+
+
+def _skops_head(path: Path, data: bytes):
+    """The head in a skops file, if it holds no type outside :data:`HEAD_TYPES`."""
+    import skops.io
+
+    try:
+        untrusted = sorted(set(skops.io.get_untrusted_types(data=data)) - set(HEAD_TYPES))
+        if not untrusted:
+            return skops.io.load(io.BytesIO(data), trusted=list(HEAD_TYPES))
+    except Exception as error:  # noqa: BLE001 - whatever a hostile file makes skops raise
+        raise TlpInputError(f"head file {str(path)!r} is not a readable skops file ({_one_line(error)}); re-run "
+                            "`tlp sweep --out` to write it again") from None
+    raise TlpInputError(f"head file {str(path)!r} holds types no tlp head contains ({', '.join(untrusted)}); it is "
+                        "not loaded, because loading them could run code; re-run `tlp sweep --out` to write it again")
+
+
+def _unpickle(path: Path, data: bytes):
+    """A ``tlp-head-v1`` pickle, which the caller trusts (``--trust-pickle``)."""
+    import joblib
+
+    try:
+        return joblib.load(io.BytesIO(data))
+    except Exception as error:  # noqa: BLE001 - one line for any broken pickle
+        raise TlpInputError(f"head file {str(path)!r} does not unpickle ({_one_line(error)}); re-run "
+                            "`tlp sweep --out` to write it again") from None
+
+
+def _check_head_classes(directory: Path, spec: dict, estimator) -> None:
+    """The head must predict exactly the spec's classes (label i is ``classes[i]``)."""
+    labels = getattr(estimator, "classes_", None)
+    n = len(spec["classes"])
+    try:
+        fits = hasattr(estimator, "predict") and sorted(int(c) for c in labels) == list(range(n))
+    except (TypeError, ValueError):
+        fits = False
+    if not fits:
+        shown = _short(labels.tolist() if hasattr(labels, "tolist") else labels)
+        raise TlpInputError(f"the head in {str(directory)!r} predicts the labels {shown}, not the {n} classes its "
+                            f"{SPEC_NAME} lists; re-run `tlp sweep --out` to write the folder again")
+
+
+def _load_state_dict(directory: Path, spec: dict) -> dict:
+    """The fine-tuned state dict (``weights_only=True``: no code runs), whose classifier
+    has one output per class of the spec."""
+    import torch
+
+    path, data = _verified_bytes(directory, spec, "finetuned")
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - a corrupt or hostile file, on one line
+        raise TlpInputError(f"weights file {str(path)!r} does not load as a state dict ({_one_line(error)}); "
+                            "re-run `tlp finetune --out` to write it again") from None
+    key, n = f"{spec['classifier']}.weight", len(spec["classes"])
+    weight = state.get(key) if isinstance(state, dict) else None
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2 or weight.shape[0] != n:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
+        raise TlpInputError(f"weights file {str(path)!r}: {key} has shape {shape}, expected {n} outputs (one per "
+                            f"class in {SPEC_NAME}); re-run `tlp finetune --out` to write the folder again")
+    return state

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import logging
 import os
 import re
@@ -17,9 +18,9 @@ from pathlib import Path, PurePosixPath
 
 from .dataset import Dataset, Item, Skipped
 from .errors import ImageDecodeError, ImageReadError, TlpInputError
-from .images import probe_image
+from .images import MAX_ASPECT_RATIO, probe_image
 
-__all__ = ["IMAGE_EXTENSIONS", "folder_entries", "csv_entries", "read_image_file", "FileReader", "scan",
+__all__ = ["IMAGE_EXTENSIONS", "folder_entries", "csv_entries", "sorted_labels", "read_image_file", "FileReader", "scan",
            "image_files"]
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif",
 )
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_COLUMN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_ .-]*")  # a header cell: a word, no path
 _BLOCK = 256  # files held in memory at once while scanning
 
 
@@ -62,32 +64,114 @@ def folder_entries(root: Path) -> tuple[Path, list[tuple[str, int]], list[str]]:
 # ----------------------------------------------------------------------------- CSV
 def csv_entries(manifest: Path) -> tuple[Path, list[tuple[str, int]], list[str]]:
     """(root, [(relative path, label)], classes) of a ``path,label`` manifest; paths are
-    relative to the CSV's folder, numeric labels sort as numbers."""
+    relative to the CSV's folder, classes in the order of :func:`sorted_labels`.
+
+    Every refusal names the line, so a manifest written by hand or by a script is fixed
+    where it is wrong: a header other than ``path,label`` is skipped with a warning (a
+    header read as data would become a missing image), an image listed twice with two
+    labels is refused, one listed twice with the same label is kept once.
+    """
     root = manifest.resolve().parent
-    rows = []
-    with open(manifest, newline="", encoding="utf-8-sig") as handle:
-        for line_number, row in enumerate(csv.reader(handle), start=1):
-            if not row or all(not cell.strip() for cell in row):
-                continue
-            if line_number == 1 and [c.strip().lower() for c in row[:2]] == ["path", "label"]:
-                continue
-            if len(row) != 2:
-                raise TlpInputError(
-                    f"{manifest}:{line_number}: expected 2 columns (path,label), got {len(row)}; "
-                    "quote paths that contain commas"
-                )
-            rows.append((_safe_relative_path(row[0].strip(), manifest, line_number), row[1].strip()))
-    if not rows:
+    rows = _header_skipped(_manifest_rows(manifest), manifest, root)
+    labelled = []
+    for line_number, row in rows:
+        if len(row) != 2:
+            raise TlpInputError(
+                f"{manifest}:{line_number}: expected 2 columns (path,label), got {len(row)}; "
+                "quote paths that contain commas"
+            )
+        path, label = _safe_relative_path(row[0].strip(), manifest, line_number), row[1].strip()
+        if not label:
+            raise TlpInputError(f"{manifest}:{line_number}: empty label for {path!r}; give every row a class "
+                                "label (path,label)")
+        labelled.append((line_number, path, label, row[0].strip()))
+    if not labelled:
         raise TlpInputError(f"manifest {str(manifest)!r} has no rows; add lines of the form path,label")
-    classes = _sorted_labels({label for _, label in rows})
+    labelled = _unique_rows(labelled, manifest, root)
+    classes = sorted_labels({row[2] for row in labelled})
     index = {name: i for i, name in enumerate(classes)}
-    return root, [(path, index[label]) for path, label in rows], classes
+    return root, [(path, index[label]) for _, path, label, _ in labelled], classes
 
 
-def _sorted_labels(labels: set[str]) -> list[str]:
-    """Numeric labels sort as numbers (2 before 10), others as text."""
-    if all(re.fullmatch(r"-?\d+", label) for label in labels):
-        return sorted(labels, key=int)
+def _manifest_rows(manifest: Path) -> list[tuple[int, list[str]]]:
+    """(line number, cells) of every non-blank row. Text that is not UTF-8, holds a NUL
+    byte or breaks CSV quoting is an input error naming the line, not a traceback."""
+    data = manifest.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise TlpInputError(f"{manifest}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x}); "
+                            "save the manifest as UTF-8") from None
+    if "\x00" in text:
+        line = text[:text.index("\x00")].count("\n") + 1
+        raise TlpInputError(f"{manifest}:{line}: NUL byte in the line; a manifest is plain text, "
+                            "remove the byte or regenerate the file")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows, line_number = [], 1
+    try:
+        for row in reader:
+            if row and any(cell.strip() for cell in row):
+                rows.append((line_number, row))
+            line_number = reader.line_num + 1  # a quoted cell may span lines
+    except csv.Error as error:
+        raise TlpInputError(f"{manifest}:{line_number}: not a CSV row ({error}); fix the quoting") from None
+    return rows
+
+
+def _header_skipped(rows: list[tuple[int, list[str]]], manifest: Path, root: Path) -> list[tuple[int, list[str]]]:
+    """``rows`` without a header line, recognised by shape: the first cell looks like a
+    column name (a word, no image extension) and names no file under ``root``.
+    ``path,label`` is the documented header and goes silently; any other is named in a
+    warning, since a misread first row would otherwise go unnoticed."""
+    if not rows:
+        return rows
+    _, first = rows[0]
+    cells = [cell.strip() for cell in first]
+    if [cell.lower() for cell in cells] == ["path", "label"]:
+        return rows[1:]
+    name = cells[0]
+    if (_COLUMN_NAME.fullmatch(name) and not name.lower().endswith(IMAGE_EXTENSIONS)
+            and not os.path.isfile(os.path.join(root, name))):
+        logger.warning("%s: first line %r read as a header (its first cell names no file); "
+                       "start the file with path,label to silence this", manifest, ",".join(cells))
+        return rows[1:]
+    return rows
+
+
+def _unique_rows(rows: list[tuple[int, str, str, str]], manifest: Path, root: Path) -> list[tuple[int, str, str, str]]:
+    """Each file once. Two rows reach the same file when their paths are equal once
+    normalised, or resolve to the same real file (a symlink in the folder): with two
+    labels one image would be trained as two classes, so that is refused; with the same
+    label the repeat would count twice (and a split could put it on both sides), so it
+    is left out with one warning. Rows are (line, normalised path, label, path as written)."""
+    seen: dict[str, tuple[int, str, str, str]] = {}
+    unique, repeats = [], []
+    for row in rows:
+        line_number, path, label, _ = row
+        key = os.path.realpath(os.path.join(root, path))
+        first = seen.setdefault(key, row)
+        if first is row:
+            unique.append(row)
+        elif first[2] != label:
+            raise TlpInputError(f"{manifest}:{line_number}: {row[3]!r} is labelled {label!r} here and {first[2]!r} "
+                                f"on line {first[0]} ({first[3]!r}); list each image once, with one label")
+        else:
+            repeats.append((row, first))
+    if repeats:
+        (line_number, _, _, path), (first_line, _, _, first_path) = repeats[0]
+        logger.warning("%s: %d duplicate row(s) left out (the same file with the same label again), e.g. line %d "
+                       "%r repeats line %d %r", manifest, len(repeats), line_number, path, first_line, first_path)
+    return unique
+
+
+def sorted_labels(labels) -> list[str]:
+    """Class names in a total order that depends on the names alone (never on hash
+    seeds, whose set order varies between runs and would change label indices and the
+    cache key): when every label is an integer, by numeric value, then by the text
+    itself (``01`` before ``1`` before ``2`` before ``10``); otherwise in plain text order."""
+    if all(re.fullmatch(r"-?[0-9]+", label) for label in labels):
+        return sorted(labels, key=lambda label: (int(label), label))
     return sorted(labels)
 
 
@@ -165,7 +249,7 @@ def scan(name: str, kind: str, root: Path, entries, classes, *, on_error: str, m
 
 def _probe_error(data: bytes, relative: str, max_pixels: int) -> ImageDecodeError | None:
     try:
-        probe_image(data, relative, max_pixels=max_pixels)
+        probe_image(data, relative, max_pixels=max_pixels, max_aspect_ratio=MAX_ASPECT_RATIO)
     except ImageDecodeError as error:
         return error
     return None

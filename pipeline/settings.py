@@ -149,6 +149,9 @@ def _check(ok: bool, message: str) -> None:
 
 
 # ----------------------------------------------------------------------------- shared options
+# The largest --image-size: 50 MB per float32 input image, a few GB of activations per image
+# for the usual networks; beyond that a batch exhausts memory before it computes anything.
+MAX_IMAGE_SIZE = 2048
 _NO_NUMBERS = "changes how work is done, not its numbers"
 _ON_ERROR_HELP = "bad image files: fail (exit 2, naming the file) or skip (leave them out and say which)"
 _WORKERS_HELP = ("decoding processes; 0 = threads in this process between steps (None: 0 on a CPU, where the "
@@ -185,6 +188,14 @@ class ModelOptions:
         _check(isinstance(self.model, str) and bool(self.model.strip()),
                f"--model must be a model name, got {self.model!r}")
         _check(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        size, batch = self.image_size, getattr(self, "batch_size", 1)
+        if isinstance(size, int) and size > MAX_IMAGE_SIZE:
+            batch = batch if isinstance(batch, int) and batch >= 1 else 1
+            raise TlpInputError(
+                f"--image-size {size} is too large: a batch of {batch} image(s) at that size is {batch} x 3 x {size} "
+                f"x {size} float32 values = {batch * 12 * size * size / 1e9:,.1f} GB before the network's "
+                f"activations, which take several times more; at most {MAX_IMAGE_SIZE} is accepted (networks are "
+                "trained at 224 to 600)")
         return dataclasses.replace(self, cache_dir=str(resolve_cache_dir(self.cache_dir)))
 
 
@@ -264,6 +275,8 @@ class SweepSettings:
 
         _check(self.val is not None or (isinstance(self.cv, int) and self.cv >= 2), f"--cv must be at least 2, got {self.cv}")
         _check(self.val is None or 0.0 < self.val < 1.0, f"--val must be a fraction between 0 and 1, got {self.val}")
+        _check(self.n_jobs is None or (isinstance(self.n_jobs, int) and self.n_jobs != 0),
+               f"--n-jobs must be a number of parallel fits (1, 2, ...; -1 for every core), got {self.n_jobs!r}")
         return dataclasses.replace(self, heads=tuple(check_heads(comma_list(self.heads))))
 
 

@@ -99,7 +99,8 @@ def test_outputs_and_predict(image_folder, tmp_path, capsys):
     assert [row["epoch"] for row in data["history"]] == [1, 2]
     assert {"train_loss", "train_accuracy", "val_accuracy", "seconds"} <= set(data["history"][0])
     assert 0.0 <= data["best"]["test_accuracy"] <= 1.0
-    state = torch.load(out / "model.pt", weights_only=True)
+    weights = out / json.loads((out / "model.json").read_text())["finetuned"]["file"]
+    state = torch.load(weights, weights_only=True)
     assert state["classifier.weight"].shape[0] == 3
     with open(out / "history.csv", newline="") as handle:
         assert len(list(csv.DictReader(handle))) == 2
@@ -115,7 +116,7 @@ def test_outputs_and_predict(image_folder, tmp_path, capsys):
     assert all(row["label"] in ("cat", "dog", "owl") and 0 < float(row["probability"]) <= 1 for row in rows)
 
     # Tampered weights are refused before loading.
-    with open(out / "model.pt", "ab") as handle:
+    with open(weights, "ab") as handle:
         handle.write(b"\0")
     assert main(["predict", str(out), images[0]]) == 2
     assert "sha256" in capsys.readouterr().err
@@ -155,6 +156,11 @@ def _finetune_command(data: Path, out: Path, epochs: int = 3) -> list[str]:
             "--seed", "0", "--case", "4", "--out", str(out), "--quiet"]
 
 
+def _weights_file(out: Path) -> Path:
+    """The fine-tuned weights the folder's model.json names."""
+    return out / json.loads((out / "model.json").read_text())["finetuned"]["file"]
+
+
 def test_killed_run_resumes_bit_identical(image_folder, tmp_path):
     """SIGKILL after the first checkpoint, rerun the same command: the final weights equal
     those of an uninterrupted run, and the report says where it resumed."""
@@ -172,15 +178,15 @@ def test_killed_run_resumes_bit_identical(image_folder, tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert first.exists(), "the run wrote its first checkpoint before the kill"
-    if (killed / "model.pt").exists():
+    if (killed / "model.json").exists():
         pytest.skip("the run finished before it could be killed")
 
     report = tmp_path / "resumed.json"
     subprocess.run(_finetune_command(image_folder, killed) + ["--report", str(report)], check=True, env=env,
                    capture_output=True, timeout=300)
     assert json.loads(report.read_text())["resumed_from_epoch"] >= 1
-    expected = torch.load(whole / "model.pt", weights_only=True)
-    resumed = torch.load(killed / "model.pt", weights_only=True)
+    expected = torch.load(_weights_file(whole), weights_only=True)
+    resumed = torch.load(_weights_file(killed), weights_only=True)
     assert expected.keys() == resumed.keys()
     differing = {k: float((expected[k].double() - resumed[k].double()).abs().max())
                  for k in expected if not torch.equal(expected[k], resumed[k])}

@@ -81,4 +81,5 @@ def test_run_fine_tunes_large_data(tmp_path, planner_cache):
     assert result["recipe"]["freeze"] == 0.7 and len(result["history"]) == 1
     assert result["recipe"]["hflip"] is False  # run hands fine-tuning's options on
     assert 0.0 <= result["best"]["test_accuracy"] <= 1.0
-    assert (out / "model.pt").exists() and (out / "checkpoints" / "epoch-001.pt").exists()
+    weights = json.loads((out / "model.json").read_text())["finetuned"]["file"]
+    assert (out / weights).exists() and (out / "checkpoints" / "epoch-001.pt").exists()

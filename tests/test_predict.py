@@ -43,7 +43,8 @@ def test_saved_model_spec_and_files(digits_model):
     assert spec["model"] == "efficientnet_lite0" and spec["classes"] == [str(d) for d in range(10)]
     assert spec["layer"] in ("early", "mid", "late") and spec["head"]["name"] in ("softmax", "knn")
     assert len(spec["head"]["sha256"]) == 64 and spec["versions"]["sklearn"]
-    assert (out / "head.joblib").is_file() and (out / "results.csv").is_file()
+    assert spec["format"] == "tlp-head-v2" and spec["head"]["file"].endswith(".skops")
+    assert (out / spec["head"]["file"]).is_file() and (out / "results.csv").is_file()
 
 
 def test_predict_new_digit_files(digits_model, tmp_path):
@@ -89,14 +90,14 @@ def test_a_missing_image_cannot_be_read(digits_model, tmp_path, capsys):
 def test_tampered_head_is_refused_without_unpickling(digits_model, tmp_path, monkeypatch, capsys):
     import shutil
 
-    import joblib
+    import skops.io
 
     out, held_out = digits_model
     copy = tmp_path / "M"
     shutil.copytree(out, copy)
-    with open(copy / "head.joblib", "ab") as handle:
+    with open(copy / json.loads((copy / "model.json").read_text())["head"]["file"], "ab") as handle:
         handle.write(b"\0")
-    monkeypatch.setattr(joblib, "load", lambda *a, **k: pytest.fail("a tampered head must not be unpickled"))
+    monkeypatch.setattr(skops.io, "load", lambda *a, **k: pytest.fail("a tampered head must not be loaded"))
     assert main(["predict", str(copy), str(held_out[0][0])]) == 2
     assert "sha256" in capsys.readouterr().err
 

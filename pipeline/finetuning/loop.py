@@ -23,7 +23,7 @@ from torch import nn
 from ..dataset import Dataset
 from ..device import autocast, default_workers, resolve_device, resolve_precision, tune_cpu_allocator
 from ..errors import TlpInputError
-from ..files import fingerprint
+from ..files import fingerprint, remove_orphans
 from ..forward import Forward
 from ..models import resolve_model
 from ..preprocess import normalize
@@ -218,6 +218,8 @@ def train(parts: Parts, settings: FinetuneSettings, recipe: Recipe, *, out: Path
                                      "freeze": recipe.freeze})
     run_fp = fingerprint({"settings": entries, "data": dataset.identity(), "train": parts.train, "val": parts.val})
     checkpoints = out / CHECKPOINT_DIR if out is not None else None
+    if out is not None:  # what killed runs left mid-write (their pid is dead); a live writer's stays
+        remove_orphans(out, ".*.tmp.*", f"{CHECKPOINT_DIR}/.*.tmp.*")
     state, resumed_from = resume(checkpoints, restart=settings.restart, run_fingerprint=run_fp,
                                  model=network.model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     timings = {"setup_seconds": time.perf_counter() - started}

@@ -13,7 +13,7 @@ import csv
 import os
 from pathlib import Path
 
-from ..data import as_dataset, split, stratified_split
+from ..data import as_dataset, require_classes, split, stratified_split
 from ..dataset import Dataset
 from ..saved import save_finetuned
 from ..settings import ExtractSettings, FinetuneSettings, PlanSettings, with_overrides
@@ -68,13 +68,15 @@ def finetune(data, settings: FinetuneSettings | None = None, *, test=None, out: 
         A fraction or count of ``data`` (stratified, seeded) or a separate data set,
         scored once with the best weights; never used for any choice.
     out : path, optional
-        Folder for ``model.pt``, ``model.json`` (which ``tlp predict`` reads),
+        Folder for the weights (``model-<sha12>.pt``) and ``model.json`` that names them
+        (which ``tlp predict`` reads; both replaced atomically, see :mod:`tlp.saved`),
         ``history.csv``/``history.png`` and ``checkpoints/``. With ``out``, a rerun of
         the same command resumes from the newest checkpoint (``restart=True`` discards them).
     """
     settings = with_overrides(settings or FinetuneSettings(), overrides, "finetune()").validated()
     dataset = as_dataset(data, on_error=settings.on_error)
     training, test_part = split(dataset, test, settings.seed, on_error=settings.on_error)
+    require_classes(training)
     parts = _parts(training, test_part, settings)
     recipe = decide_recipe(settings, training)
     out = Path(out) if out is not None else None
@@ -86,7 +88,7 @@ def finetune(data, settings: FinetuneSettings | None = None, *, test=None, out: 
 
 
 def _write_outputs(out: Path, result: FinetuneResult, settings: FinetuneSettings) -> None:
-    """model.pt and model.json (see :mod:`tlp.saved`), history.csv and history.png."""
+    """The saved model (weights and model.json, see :mod:`tlp.saved`), history.csv and history.png."""
     from ..models import resolve_model
     from ..plots import plot_history
 
