@@ -19,6 +19,7 @@ import numpy as np
 
 from .device import resolve_device, resolve_precision
 from .errors import ImageDecodeError, TlpInputError
+from .files import write_text
 from .forward import FileBytes, Forward, PreparedImages
 from .layers import Tap
 from .models import imagenet_categories, resolve_model
@@ -57,7 +58,7 @@ class Predictions:
         text = buffer.getvalue()
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(text, encoding="utf-8")
+            write_text(path, text)
         return text
 
 

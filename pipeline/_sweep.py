@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import logging
 import time
 from dataclasses import dataclass, field
@@ -31,10 +32,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .data import as_dataset, require_classes, split, stratified_split
+from .data import as_dataset, require_classes, require_labels, split, stratified_split
 from .dataset import Dataset
 from .errors import TlpInputError
 from .featurefile import FeatureFile
+from .files import write_text
 from .heads import head_grid
 from .racing import RACE_FOLDS, RACE_MIN_GAP, RACE_Z, Cell, Problem, cv_folds, run_cells
 from .settings import DEFAULT_HEADS, ExtractSettings, SweepSettings, route_options
@@ -133,12 +135,12 @@ class SweepResult:
         path.parent.mkdir(parents=True, exist_ok=True)
         columns = ["layer", "head", "params", "cv_accuracy", "cv_std", "n_folds", "test_accuracy", "fit_seconds",
                    "n_convergence_warnings"]
-        with open(path, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            for row in self.results:
-                writer.writerow({**{c: row.get(c) for c in columns}, "params": _params_text(row["params"])})
-        return path
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        for row in self.results:
+            writer.writerow({**{c: row.get(c) for c in columns}, "params": _params_text(row["params"])})
+        return write_text(path, buffer.getvalue())
 
 
 def _accuracy_text(row: dict, spread: bool) -> str:
@@ -317,6 +319,8 @@ def _inputs(data, test, settings: SweepSettings, extraction: ExtractSettings) ->
         train, held = whole, _Features(other.layers, _by_name(other, whole.classes, test), whole.classes)
     else:
         train, held = _held_out(whole, test, settings.seed)
+    require_labels(train.labels, train.classes,
+                   "the feature rows have labels" if cache_file is None else f"cache file {str(cache_file)!r} has rows")
     return _Inputs(train, held, model, cache_file, weights)
 
 

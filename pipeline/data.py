@@ -23,7 +23,7 @@ from .images import DEFAULT_MAX_PIXELS
 from .scan import IMAGE_EXTENSIONS, csv_entries, folder_entries, scan
 
 __all__ = ["Item", "Skipped", "Dataset", "load_dataset", "as_dataset", "split", "parse_test", "stratified_split",
-           "labels_by_class_name", "require_classes", "BUILTIN_DATASETS", "IMAGE_EXTENSIONS"]
+           "labels_by_class_name", "require_classes", "require_labels", "BUILTIN_DATASETS", "IMAGE_EXTENSIONS"]
 
 ON_ERROR_CHOICES = ("fail", "skip")
 
@@ -81,14 +81,21 @@ def require_classes(dataset: Dataset) -> Dataset:
     are counted among the items, so a class whose every file ``--on-error skip`` left
     out does not count.
     """
-    present = sorted({int(label) for label in dataset.labels})
-    if len(present) >= 2:
-        return dataset
     skipped = (dataset.source or dataset).skipped
     left_out = f" ({len(skipped)} unreadable files were left out)" if skipped else ""
-    only = f"only class {dataset.classes[present[0]]!r}" if present else "no class"
-    raise TlpInputError(f"data {dataset.name!r} has images of {only}{left_out}; training needs at least 2 "
-                        "classes: add a sub-folder (or manifest label) per class")
+    require_labels(dataset.labels, dataset.classes, f"data {dataset.name!r} has images", left_out)
+    return dataset
+
+
+def require_labels(labels, classes: list[str], what: str, note: str = "") -> None:
+    """Refuse training rows (``labels``: indices into ``classes``) of fewer than two
+    classes; ``what`` names them in the message (``"cache file 'x.h5' has rows"``)."""
+    present = sorted({int(label) for label in labels})
+    if len(present) >= 2:
+        return
+    only = f"only class {classes[present[0]]!r}" if present else "no class"
+    raise TlpInputError(f"{what} of {only}{note}; training needs at least 2 classes: add a sub-folder "
+                        "(or manifest label) per class")
 
 
 def parse_test(text: str | None):

@@ -26,7 +26,7 @@ from typing import Iterator
 import numpy as np
 
 __all__ = [
-    "canonical_json", "fingerprint", "array_sha256", "file_sha256", "forget_file_hashes", "temp_name", "atomic_file", "write_json",
+    "canonical_json", "fingerprint", "write_text", "array_sha256", "file_sha256", "forget_file_hashes", "temp_name", "atomic_file", "write_json",
     "atomic_h5", "torch_save", "library_versions", "now_iso", "writer_alive", "pid_alive", "remove_orphans",
 ]
 
@@ -205,6 +205,16 @@ def atomic_file(final: str | os.PathLike) -> Iterator[Path]:
     finally:
         with contextlib.suppress(OSError):  # never hide the error above (a read-only or full disk)
             temp.unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8, newlines as given) to ``path``, atomically: a CSV that a
+    full disk interrupts leaves the previous one, not half of a new one."""
+    path = Path(path)
+    with atomic_file(path) as temp:
+        with open(temp, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+    return path
 
 
 def write_json(path: str | os.PathLike, value: dict) -> Path:

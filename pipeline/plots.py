@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import atomic_file
+
 __all__ = ["plot_accuracy_by_depth", "plot_confusion_matrix", "plot_history"]
 
 
@@ -27,8 +29,11 @@ def _save(plt, figure, path: str | Path) -> Path:
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    plt.close(figure)
+    try:
+        with atomic_file(path) as temp:  # a full disk leaves the previous plot, not half a file
+            figure.savefig(temp, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(figure)
     return path
 
 

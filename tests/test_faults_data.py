@@ -212,3 +212,13 @@ def test_n_jobs_zero_is_refused_before_extraction(tmp_path, image_folder, capsys
     assert main(["sweep", str(image_folder), "--n-jobs", "0", *FAST, "--cache-dir", str(tmp_path / "c")]) == 2
     assert "--n-jobs" in _one_error(capsys)
     _no_features(tmp_path / "c")
+
+
+def test_one_class_cache_file_in_sweep_is_one_line_exit_2(tmp_path, one_class, capsys):
+    cache = tmp_path / "c"
+    assert main(["extract", str(one_class), *FAST, "--cache-dir", str(cache), "-q"]) == 0
+    [features] = cache.glob("*.h5")
+    capsys.readouterr()
+    assert main(["sweep", str(features), "--heads", "softmax", "--cv", "2"]) == 2
+    line = _one_error(capsys)
+    assert str(features) in line and "only class 'cat'" in line

@@ -10,11 +10,13 @@ validation split, calls the training loop and writes the outputs.
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
 
 from ..data import as_dataset, require_classes, split, stratified_split
 from ..dataset import Dataset
+from ..files import write_text
 from ..saved import save_finetuned
 from ..settings import ExtractSettings, FinetuneSettings, PlanSettings, with_overrides
 from .loop import FinetuneResult, Parts, Recipe, train
@@ -102,10 +104,11 @@ def _write_outputs(out: Path, result: FinetuneResult, settings: FinetuneSettings
         "classes": result.classes, "classifier": result.recipe["classifier"], "from_scratch": settings.from_scratch,
         "recipe": result.recipe,
     })
-    with open(out / "history.csv", "w", newline="", encoding="utf-8") as handle:
-        columns = ["epoch", "train_loss", "train_accuracy", "val_accuracy", "seconds", "images_per_second", "lr"]
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        for row in result.history:
-            writer.writerow({c: row.get(c) for c in columns})
+    columns = ["epoch", "train_loss", "train_accuracy", "val_accuracy", "seconds", "images_per_second", "lr"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in result.history:
+        writer.writerow({c: row.get(c) for c in columns})
+    write_text(out / "history.csv", buffer.getvalue())
     plot_history(result.history, out / "history.png", title=f"{spec.name}: fine-tuning")
