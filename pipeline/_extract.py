@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cache import CacheDir, RowSource, ShardWriter, gather_rows
+from .cache import CacheDir, RowSource, ShardWriter, check_source, gather_rows
 from .data import as_dataset
 from .dataset import Dataset, Item
 from .device import default_workers, kernel_family, resolve_device, resolve_precision
@@ -195,23 +195,21 @@ def _extract_missing(plan: _Plan, dataset: Dataset, settings: ExtractSettings, c
     final = cache.file_for(plan.key)
     excluded: set[Path] = {final}  # a finished file with this key failed its check (or is absent)
     new_metas: dict[str, LayerMeta] = {}
-    n_reused, forwarded = None, []  # rows found by the first plan; items this run passed forward
-    for attempt in range(5):
+    forwarded: dict[str, Item] = {}  # path -> item this run passed forward
+    for attempt in range(5):  # forward passes and "rows moved" retries; exclusions do not count
         hit = _try_cache_hit(final, plan.key, settings.on_error) if attempt else None
         if hit is not None:
             cache.drop_absorbed(plan.run_fp, cache.held_rows([final]))
-            return _result_from_file(hit, plan, len(forwarded), started, timings, n_reused=n_reused)
+            return _finished(hit, plan, forwarded, {s["path"] for s in hit.skipped}, started, timings)
         mark = time.perf_counter()
-        sources = [s for s in cache.donors(plan.layer_fps.values(), plan.run_fp) if s.path not in excluded]
-        rows, todo, shard_skips = _assign_rows(dataset.items, sources)
+        sources, rows, todo, shard_skips = _checked_plan(dataset.items, cache, plan, excluded)
         timings["reuse_seconds"] = timings.get("reuse_seconds", 0.0) + time.perf_counter() - mark
         _refuse_recorded_failures(dataset, shard_skips, settings.on_error)
-        n_reused = len(rows) if n_reused is None else n_reused
         if todo:
             mark = time.perf_counter()
             new_metas.update(_run_forward(plan, dataset, todo, settings, cache.partial_dir(plan.run_fp)))
             timings["forward_seconds"] = timings.get("forward_seconds", 0.0) + time.perf_counter() - mark
-            forwarded += todo
+            forwarded.update((item.path, item) for item in todo)
             continue  # the new shards are donors now
         skipped = [s.to_dict() for s in dataset.skipped] + [
             {"path": item.path, "reason": shard_skips[item.digest]} for item in dataset.items if item.digest in shard_skips
@@ -220,7 +218,7 @@ def _extract_missing(plan: _Plan, dataset: Dataset, settings: ExtractSettings, c
         try:
             _assemble(final, plan, dataset, settings, rows=rows, metas=_layer_metas(plan, new_metas, sources),
                       skipped=skipped)
-        except CacheCorruptError as error:
+        except CacheCorruptError as error:  # changed on disk after it was checked
             logger.warning("%s: %s does not match its checksum; extracting its rows again",
                            Path(error.path).name, error.what)
             excluded.add(Path(error.path))
@@ -232,9 +230,38 @@ def _extract_missing(plan: _Plan, dataset: Dataset, settings: ExtractSettings, c
             timings["assemble_seconds"] = timings.get("assemble_seconds", 0.0) + time.perf_counter() - mark
         features = FeatureFile(final)
         cache.drop_absorbed(plan.run_fp, cache.held_rows([final]))
-        n_extracted = sum(item.digest not in shard_skips for item in forwarded)
-        return _result_from_file(features, plan, n_extracted, started, timings, n_reused=n_reused)
-    raise RuntimeError(f"could not assemble {final.name}: its rows kept moving or failing their checksums")
+        return _finished(features, plan, forwarded, {s["path"] for s in skipped}, started, timings)
+    raise RuntimeError(f"could not assemble {final.name}: its rows kept moving (another process removing shards?)")
+
+
+def _checked_plan(items: list[Item], cache: CacheDir, plan: _Plan, excluded: set[Path]):
+    """(sources, rows, todo, recorded skips) where every finished file that gives rows
+    passed its checks; a donor that fails is left out (with a warning) and the plan is
+    made again without it, so its images come from elsewhere or are extracted again."""
+    while True:
+        sources = [s for s in cache.donors(plan.layer_fps.values(), plan.run_fp) if s.path not in excluded]
+        rows, todo, shard_skips = _assign_rows(items, sources)
+        bad = None
+        for source in {id(source): source for source, _ in rows}.values():
+            try:
+                check_source(source)
+            except TlpInputError as error:  # a checksum mismatch, or removed meanwhile
+                reason = f"{error.what} does not match its checksum" if isinstance(error, CacheCorruptError) else error
+                logger.warning("%s: %s; its rows are not reused", source.path.name, reason)
+                bad = source.path
+                break
+        if bad is None:
+            return sources, rows, todo, shard_skips
+        excluded.add(bad)
+
+
+def _finished(features: FeatureFile, plan: _Plan, forwarded: dict[str, Item], skipped_paths: set[str],
+              started: float, timings: dict) -> ExtractResult:
+    """The result: forward passes are the images this run extracted that are in the file
+    (decode failures are not), every other row was reused."""
+    n_extracted = sum(path not in skipped_paths for path in forwarded)
+    return _result_from_file(features, plan, n_extracted, started, timings,
+                             n_reused=max(0, features.n_rows() - n_extracted))
 
 
 def _refuse_recorded_failures(dataset: Dataset, recorded: dict[str, str], on_error: str) -> None:

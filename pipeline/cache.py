@@ -38,7 +38,7 @@ from .featurefile import STRING_DTYPE, FeatureFile, LayerMeta, read_strings, rea
 from .files import array_sha256, atomic_h5, fingerprint, remove_orphans
 from .runlock import live_runs
 
-__all__ = ["CacheDir", "RowSource", "ShardWriter", "write_shard", "gather_rows", "shard_merged"]
+__all__ = ["CacheDir", "RowSource", "HeldRows", "ShardWriter", "write_shard", "gather_rows", "check_source", "shard_merged"]
 
 logger = logging.getLogger(__name__)
 
@@ -168,9 +168,9 @@ class CacheDir:
                 sources.append(source)
         return sources
 
-    def drop_absorbed(self, run_fingerprint: str, held: dict[str, set[str]]) -> None:
-        """Delete a run's shards whose every row finished files now hold (``held``: layer
-        fingerprint -> image digests); keep the rest for later runs."""
+    def drop_absorbed(self, run_fingerprint: str, held: list[HeldRows]) -> None:
+        """Delete a run's shards whose every row finished files now hold (``held``: see
+        :meth:`held_rows`); keep the rest for later runs."""
         folder = self.partial_dir(run_fingerprint)
         for shard in folder.glob("shard-*.h5"):
             if shard_merged(shard, held):
@@ -178,14 +178,18 @@ class CacheDir:
         with contextlib.suppress(OSError):  # only if empty: another run may be writing in it
             folder.rmdir()
 
-    def held_rows(self, paths: Iterable[Path] | None = None) -> dict[str, set[str]]:
-        """Layer fingerprint -> image digests that finished files (all, or ``paths``) hold."""
-        held: dict[str, set[str]] = {}
+    def held_rows(self, paths: Iterable[Path] | None = None) -> list[HeldRows]:
+        """What finished files (all, or ``paths``) hold, one entry per readable file whose
+        checksums pass: a file that fails them cannot serve its rows, so it holds none."""
+        held = []
         for path in self.finished_files() if paths is None else paths:
-            with FeatureFile(path) as features:
-                digests = features.digests
-                for name in features.layers:
-                    held.setdefault(features.layer_meta(name).layer_fingerprint, set()).update(digests)
+            try:
+                with FeatureFile(path) as features:
+                    features.check()
+                    fps = frozenset(features.layer_meta(name).layer_fingerprint for name in features.layers)
+                    held.append(HeldRows(fps, frozenset(features.digests)))
+            except TlpInputError:  # unreadable, failing its checksums, or removed meanwhile
+                continue
         return held
 
     # -- maintenance -------------------------------------------------------------------
@@ -217,15 +221,18 @@ class CacheDir:
                 logger.warning("removing unreadable cache file %s", path.name)
                 removed.append(_remove(path))
         held = self.held_rows(readable)
+        # Shards first, live runs second: a run takes its lock before it writes a shard,
+        # so every shard listed here whose run is running has its lock seen below.
+        shards = self.shards()
         live = live_runs(self.root)
-        for shard in self.shards():
+        for shard in shards:
             if shard.parent.name in live:
                 continue
             if partial or shard_merged(shard, held):
                 removed.append(_remove(shard))
-        for directory in {shard.parent for shard in self.shards()} | set(self._partial_dirs()):
-            if directory.name not in live and not any(directory.iterdir()):
-                with contextlib.suppress(OSError):  # a running extraction just wrote in it
+        for directory in self._partial_dirs():
+            with contextlib.suppress(OSError):  # not empty (a run just wrote in it), or gone
+                if directory.name not in live and not any(directory.iterdir()):
                     directory.rmdir()
         return removed
 
@@ -247,21 +254,35 @@ class CacheDir:
 
 
 def _remove(path: Path) -> tuple[Path, int]:
-    size = path.stat().st_size if path.exists() else 0
-    path.unlink(missing_ok=True)
+    try:
+        size = path.stat().st_size
+        path.unlink()
+    except FileNotFoundError:  # removed meanwhile (another gc, or the run that absorbed it)
+        size = 0
     return path, size
 
 
-def shard_merged(shard: Path, held: dict[str, set[str]]) -> bool:
-    """Whether finished files hold every row of ``shard`` for every layer it carries
-    (``held``: layer fingerprint -> digests). Rows of another layer set are not merged,
-    whatever images they share."""
+@dataclass(frozen=True)
+class HeldRows:
+    """The rows one finished file holds: its layer fingerprints and image digests."""
+
+    layer_fps: frozenset[str]
+    digests: frozenset[str]
+
+
+def shard_merged(shard: Path, held: list[HeldRows]) -> bool:
+    """Whether finished files hold every row of ``shard`` as a run of its layer set could
+    reuse them: each image by a file that holds *all* the shard's layers (a run takes an
+    image's rows from one file). Rows of another layer set are not merged, whatever
+    images they share, nor rows split between two files of other layer sets."""
     try:
         with h5py.File(shard, "r") as handle:
             digests = set(read_strings(handle["digests"]))
-            return all(digests <= held.get(fp, set()) for fp in handle["features"].keys())
+            fps = set(handle["features"].keys())
     except (OSError, KeyError):
         return True  # unreadable shards are useless
+    covered = set().union(*(h.digests for h in held if fps <= h.layer_fps))
+    return digests <= covered
 
 
 def _shard_problems(handle: h5py.File, layer_fps: set[str]) -> list[str]:
@@ -325,6 +346,17 @@ def _finished_source(path: Path, wanted: set[str]) -> RowSource | None:
     return RowSource(path, {fp: f"features/{by_fp[fp]}" for fp in wanted}, rows, {}, metas)
 
 
+def check_source(source: RowSource) -> None:
+    """Check a finished-file donor before any of its rows is used: its index (digests
+    must still name the right rows) and the layers the run takes from it; raises
+    :class:`~tlp.errors.CacheCorruptError`. Memoised per process, so a donor is hashed
+    once however often it is planned with. Shards were checked when they were read."""
+    if source.path.name.startswith("shard-"):
+        return
+    with FeatureFile(source.path) as features:
+        features.check([name.split("/", 1)[1] for name in source.datasets.values()])
+
+
 def gather_rows(
     plan: list[tuple[RowSource, int]], layer_fp: str, dims: int
 ) -> np.ndarray:
@@ -338,10 +370,6 @@ def gather_rows(
     for path, (source, positions, rows) in by_source.items():
         with h5py.File(path, "r") as handle:
             dataset = handle[source.datasets[layer_fp]]
-            rows_array = np.asarray(rows)
-            order = np.argsort(rows_array, kind="stable")
-            values = np.empty((len(rows), dataset.shape[1]), dtype=dataset.dtype)
             # Every row that goes into a finished file is read from checked data.
-            values[order] = read_verified(dataset, rows=rows_array[order], memo_path=path)
-            out[np.asarray(positions)] = values
+            out[np.asarray(positions)] = read_verified(dataset, rows=np.asarray(rows), memo_path=path)
     return out

@@ -93,27 +93,36 @@ def _file_identity(path: Path) -> tuple:
 
 
 def read_verified(dataset: h5py.Dataset, *, rows: np.ndarray | None = None,
-                  memo_path: Path | None = None) -> np.ndarray | None:
+                  memo_path: Path | None = None) -> np.ndarray:
     """Read a 2-D dataset whose ``sha256`` attribute holds :func:`~tlp.files.array_sha256`
     of its values, checking the digest as the rows stream by (in blocks of ~64 MiB).
 
-    Returns the whole array, or with ``rows`` (sorted row numbers) only those rows, read
-    in the same pass. Raises :class:`~tlp.errors.CacheCorruptError` when the digest is
-    missing or differs. With ``memo_path`` a dataset already checked in this process
-    (same file, inode, size and mtime) is not hashed again, so a sweep that reads what
-    extraction just checked pays once.
+    Returns the whole array, or with ``rows`` (row numbers in any order, repeats allowed)
+    those rows in that order, read in the same pass. Raises
+    :class:`~tlp.errors.CacheCorruptError` when the digest is missing or differs, or a
+    row number lies outside the dataset (an index that no longer fits its features).
+    With ``memo_path`` a dataset already checked in this process (same file, inode, size
+    and mtime) is not hashed again, so a sweep that reads what extraction just checked
+    pays once.
     """
     expected = dataset.attrs.get("sha256")
     where = Path(dataset.file.filename)
     if expected is None:
         raise CacheCorruptError(where, f"{dataset.name} has no sha256")
-    memo = (*_file_identity(memo_path), dataset.name) if memo_path is not None else None
     n = dataset.shape[0]
+    if rows is not None:
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= n):
+            raise CacheCorruptError(where, f"the index (it refers to row {int(rows.max())} of {dataset.name}, "
+                                           f"which has {n} rows)")
+    memo = (*_file_identity(memo_path), dataset.name) if memo_path is not None else None
     if memo in _verified:
         return dataset[()] if rows is None else _rows_of(dataset, rows)
     digest = hashlib.sha256(f"{dataset.dtype.newbyteorder('<').str}|{dataset.shape}".encode())
     block = max(1, _VERIFY_BLOCK_BYTES // max(1, dataset.dtype.itemsize * int(np.prod(dataset.shape[1:]))))
-    parts, wanted = [], rows
+    order = None if rows is None else np.argsort(rows, kind="stable")
+    wanted = None if rows is None else rows[order]
+    parts = []
     for start in range(0, n, block):
         values = dataset[start:start + block]
         digest.update(np.ascontiguousarray(values.astype(values.dtype.newbyteorder("<"), copy=False)).data)
@@ -126,7 +135,12 @@ def read_verified(dataset: h5py.Dataset, *, rows: np.ndarray | None = None,
         raise CacheCorruptError(where, f"{dataset.name}")
     if memo is not None:
         _verified.add(memo)
-    return np.concatenate(parts) if parts else np.empty((0, *dataset.shape[1:]), dtype=dataset.dtype)
+    values = np.concatenate(parts) if parts else np.empty((0, *dataset.shape[1:]), dtype=dataset.dtype)
+    if order is None:
+        return values
+    out = np.empty_like(values)
+    out[order] = values
+    return out
 
 
 def forget_checks() -> None:
@@ -136,9 +150,12 @@ def forget_checks() -> None:
 
 
 def _rows_of(dataset: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
+    """``dataset[rows]`` for row numbers in any order with repeats (h5py itself wants
+    them increasing and unique)."""
     if len(rows) * 10 >= dataset.shape[0]:
         return dataset[()][rows]
-    return dataset[rows]
+    unique, inverse = np.unique(rows, return_inverse=True)
+    return dataset[unique][inverse]
 
 
 def index_sha256(classes, paths, labels, digests) -> str:

@@ -76,13 +76,21 @@ def forget_file_hashes() -> None:
 
 
 # ----------------------------------------------------------------------------- atomic writes
+@functools.lru_cache(maxsize=1)
 def _host_tag() -> str:
-    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+    """8 hex digits naming this machine: its host name and, on Linux, its boot id (two
+    machines or VMs that share a host name still differ)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+            boot = handle.read().strip()
+    except OSError:
+        boot = ""
+    return hashlib.sha256(f"{socket.gethostname()}|{boot}".encode()).hexdigest()[:8]
 
 
 def temp_name(final: Path) -> Path:
     """The hidden temporary name a writer of ``final`` uses: ``.NAME.tmp.PID.HOST.RANDOM``
-    (HOST: 8 hex digits of the host name's sha256), so a cache shared between machines can
+    (HOST: 8 hex digits naming the machine, see :func:`_host_tag`), so a cache shared between machines can
     tell whose writer a temporary file belongs to."""
     return final.with_name(f".{final.name}.tmp.{os.getpid()}.{_host_tag()}.{secrets.token_hex(4)}")
 
@@ -105,7 +113,7 @@ def writer_alive(temp: str | os.PathLike) -> bool:
         return False
     if len(fields) >= 3 and fields[1] != _host_tag():
         try:
-            return time.time() - temp.stat().st_mtime < FOREIGN_TEMP_STALE_SECONDS
+            return time.time() - temp.lstat().st_mtime < FOREIGN_TEMP_STALE_SECONDS
         except OSError:
             return False
     # Our own pid cannot be mid-write while we look for orphans: a file with it is a
@@ -134,7 +142,7 @@ def remove_orphans(pattern_root: str | os.PathLike, *patterns: str) -> list[tupl
         for temp in Path(pattern_root).glob(pattern):
             if ".tmp." in temp.name and not writer_alive(temp):
                 try:
-                    size = temp.stat().st_size
+                    size = temp.lstat().st_size  # lstat: a dangling link left by a killed writer too
                     temp.unlink()
                 except OSError:  # gone already (another cleaner) or not ours to remove
                     continue

@@ -12,6 +12,7 @@ runs are removed by the next ``gc``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -30,6 +31,7 @@ LIVE_DIR = ".live"
 HEARTBEAT_SECONDS = 5.0
 # A lock file untouched for this long, whose lock can be taken, belongs to a dead run.
 STALE_SECONDS = 60.0
+_NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
 
 
 @contextlib.contextmanager
@@ -42,7 +44,14 @@ def live_run(cache_root: Path, run: str) -> Iterator[Path]:
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(path, stop), name="tlp-heartbeat", daemon=True)
     try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        except OSError as error:
+            if error.errno not in _NO_LOCKS:
+                raise
+            # A file system without locks (NFS without lockd, Lustre without flock): the
+            # heartbeat alone marks the run live.
+            logger.debug("no file locks in %s (%s); relying on the heartbeat", folder, error)
         beat.start()
         yield path
     finally:
@@ -85,8 +94,10 @@ def _is_live(path: Path) -> bool:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return True
-        except OSError:
-            return True
+        except OSError as error:
+            if error.errno not in _NO_LOCKS:
+                return True  # cannot tell: keep its work
+            return time.time() - os.fstat(handle.fileno()).st_mtime < STALE_SECONDS
         try:
             if time.time() - os.fstat(handle.fileno()).st_mtime < STALE_SECONDS:
                 return True  # just created, or touched by a holder on another machine

@@ -172,9 +172,14 @@ def _commit(directory: Path, data: bytes, stem: str, suffix: str, spec_with: Cal
         if entry["file"] not in _weights_named(directory):
             weights.unlink(missing_ok=True)
         raise
+    alias = directory / LEGACY_WEIGHTS_NAME
+    stale = replaced - {entry["file"]}
     if stem == "model":
-        _point_alias(directory / LEGACY_WEIGHTS_NAME, entry["file"])
-    for name in replaced - {entry["file"], LEGACY_WEIGHTS_NAME}:
+        _point_alias(alias, entry["file"])  # replaces a 0.2 model.pt file too
+        stale.discard(LEGACY_WEIGHTS_NAME)
+    elif alias.is_symlink():  # the folder held a fine-tuned model; now it holds a head
+        stale.add(LEGACY_WEIGHTS_NAME)
+    for name in stale:
         (directory / name).unlink(missing_ok=True)
     return spec_path
 

@@ -281,3 +281,73 @@ def test_weights_are_keyed_by_content_not_name(image_folder, cache_dir, tmp_path
     a = extract(image_folder, cache_dir=cache_dir, weights=str(first), **FAST)
     b = extract(image_folder, cache_dir=cache_dir, weights=str(renamed), **FAST)
     assert b.key == a.key and b.n_extracted == 0
+
+
+# ----------------------------------------------------------------------------- donors
+def _copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src, dst)
+
+
+def test_duplicate_images_reuse_rows_of_a_file_this_process_already_checked(tmp_path, cache_dir):
+    big = tmp_path / "big"
+    write_images(big / "a", 21)
+    write_images(big / "b", 21, start=100)
+    extract(big, cache_dir=cache_dir, **FAST)
+    extract(big, cache_dir=cache_dir, **FAST)  # a hit: every layer checked (and remembered)
+    sub = tmp_path / "sub"
+    _copy(big / "a" / "img_0000.jpg", sub / "a" / "x.jpg")
+    _copy(big / "a" / "img_0000.jpg", sub / "a" / "x_copy.jpg")  # the same bytes twice
+    _copy(big / "b" / "img_0100.jpg", sub / "b" / "y.jpg")
+    result = extract(sub, cache_dir=cache_dir, **FAST)
+    assert (result.n_extracted, result.n_reused) == (0, 3)
+    with FeatureFile(result.path) as features:
+        late = features.load("late")
+    np.testing.assert_array_equal(late[0], late[1])
+
+
+def test_donors_failing_their_checks_are_left_out_and_the_counts_add_up(tmp_path, cache_dir):
+    first, second = tmp_path / "first", tmp_path / "second"
+    write_images(first / "a", 4)
+    write_images(first / "b", 4, start=100)
+    write_images(second / "a", 4, start=4)
+    write_images(second / "b", 4, start=104)
+    donors = [extract(data, cache_dir=cache_dir, **FAST).path for data in (first, second)]
+    for donor in donors:  # two bad donors: neither may cost the run its planning attempts
+        _flip_byte(donor, "features/early")
+    sub = tmp_path / "sub"
+    _copy(first / "a" / "img_0000.jpg", sub / "a" / "img_0000.jpg")
+    _copy(second / "b" / "img_0104.jpg", sub / "b" / "img_0104.jpg")
+    write_images(sub / "a", 1, start=50)  # and one new image
+    result = extract(sub, cache_dir=cache_dir, **FAST)
+    assert (result.n_extracted, result.n_reused, result.n_images) == (3, 0, 3)
+    clean = extract(sub, cache_dir=tmp_path / "clean", **FAST)
+    _same_features(result.path, clean.path, ["early", "mid", "late"])
+
+
+def test_a_donor_whose_index_was_changed_gives_no_rows(tmp_path, image_folder, cache_dir):
+    donor = extract(image_folder, cache_dir=cache_dir, **FAST)
+    with h5py.File(donor.path, "r+") as handle:  # two images swap their rows
+        digests = handle["index/digests"]
+        first, second = digests[0], digests[1]
+        digests[0], digests[1] = second, first
+    sub = tmp_path / "sub"
+    _copy(image_folder / "cat" / "img_0000.jpg", sub / "cat" / "img_0000.jpg")
+    _copy(image_folder / "dog" / "img_0100.jpg", sub / "dog" / "img_0100.jpg")
+    result = extract(sub, cache_dir=cache_dir, **FAST)
+    assert result.n_extracted == 2
+    clean = extract(sub, cache_dir=tmp_path / "clean", **FAST)
+    _same_features(result.path, clean.path, ["early", "mid", "late"])
+
+
+def test_gc_keeps_shards_whose_layers_no_single_file_holds(image_folder, cache_dir):
+    extract(image_folder, cache_dir=cache_dir, layers=("early", "late"), **FAST)
+    extract(image_folder, cache_dir=cache_dir, layers=("mid", "late"), **FAST)
+    bad = image_folder / "owl" / "zzz_bad.jpg"
+    _bad_jpeg(bad)
+    with pytest.raises(ImageDecodeError):  # a run of early,mid stops at the bad file
+        extract(image_folder, cache_dir=cache_dir, layers=("early", "mid"), commit_every=8, **FAST)
+    shards = list(cache_dir.glob(".partial/*/shard-*.h5"))
+    assert shards
+    assert main(["cache", "gc", "--cache-dir", str(cache_dir), "--quiet"]) == 0
+    assert all(shard.exists() for shard in shards)
