@@ -22,7 +22,6 @@ through its per-layer sha256 (:func:`tlp.featurefile.read_verified`).
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import logging
 import os
@@ -193,10 +192,6 @@ class CacheDir:
         return held
 
     # -- maintenance -------------------------------------------------------------------
-    def temp_files(self) -> list[Path]:
-        found = glob.glob(str(self.root / ".*.tmp.*")) + glob.glob(str(self.root / ".partial" / "*" / ".*.tmp.*"))
-        return [Path(p) for p in found]
-
     def remove_orphans(self) -> list[tuple[Path, int]]:
         """Delete temporary files whose writer is dead (a killed assembly leaves one the
         size of the final file); every extraction does this first, cheaply."""
