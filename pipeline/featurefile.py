@@ -269,15 +269,19 @@ class FeatureFile:
         for name in self.layers if layers is None else layers:
             read_verified(self._dataset(name), rows=np.empty(0, dtype=np.int64), memo_path=self.path)
 
-    def check_index(self) -> None:
+    def check_index(self, *, memo: bool = True) -> None:
         """Raise :class:`~tlp.errors.CacheCorruptError` when the index no longer matches
-        the checksum written with it (files from before tlp 0.3 carry none)."""
+        the checksum written with it (files from before tlp 0.3 carry none). Like layer
+        reads, a check is remembered per process and file version unless ``memo=False``
+        (``verify`` always hashes again)."""
         expected = self._file["index"].attrs.get("sha256")
-        if expected is None:
+        key = (*_file_identity(self.path), "/index")
+        if expected is None or (memo and key in _verified):
             return
         actual = index_sha256(self.classes, self.paths, self.labels, self.digests)
         if actual != (expected.decode() if isinstance(expected, bytes) else str(expected)):
             raise CacheCorruptError(self.path, "the index (paths, labels, digests or class names)")
+        _verified.add(key)
 
     def dim(self, name: str) -> int:
         """Length D of one layer's feature vectors."""
@@ -300,7 +304,7 @@ class FeatureFile:
             if self._file["index"][name].shape[0] != n:
                 problems.append(f"/index/{name} has {self._file['index'][name].shape[0]} rows, labels {n}")
         try:
-            self.check_index()
+            self.check_index(memo=False)
         except CacheCorruptError:
             problems.append("index: paths, labels, digests or class names do not match their sha256")
         for name in self.layers:
