@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .candidates import plain_layers
 from .cache import CacheDir, RowSource, ShardWriter, check_source, gather_rows
 from .data import as_dataset
 from .dataset import Dataset, Item
@@ -103,6 +104,8 @@ def _extractor_identity(settings: ExtractSettings, spec: ModelSpec, precision: s
     entries = key_entries(settings, {"model": spec.identity(), "precision": precision, "device": device.type,
                                      "layers": layers})
     taps = entries.pop("layers")
+    if entries.get("tta") == "none":
+        del entries["tta"]  # plain features keep the keys they had before --tta existed
     identity = {"schema_version": SCHEMA_VERSION, "decoder": DECODER_ID, "resize_method": RESIZE_METHOD,
                 "memory_format": "channels_last", "versions": _versions(spec), "kernels": kernel_family(device),
                 **entries}
@@ -135,7 +138,8 @@ def _plan(settings: ExtractSettings, dataset) -> tuple[_Plan, Dataset]:
                          download=settings.download)
     device = resolve_device(settings.device)
     precision = resolve_precision(settings.precision, device)
-    taps = resolve_taps(spec, settings.layers, memo_dir=Path(settings.cache_dir))
+    # A fused entry (mid+late) extracts its parts: fusion happens at sweep time (tlp.candidates).
+    taps = resolve_taps(spec, plain_layers(settings.layers, settings.model), memo_dir=Path(settings.cache_dir))
     pools = pooling_for_taps(settings.pool, [tap.name for tap in taps])
     dataset = as_dataset(dataset, on_error=settings.on_error, max_pixels=settings.max_pixels)
     extractor, layer_entries = _extractor_identity(settings, spec, precision, device,
@@ -362,7 +366,8 @@ def _run_forward(plan: _Plan, dataset: Dataset, todo: list[Item], settings: Extr
     """Forward passes over ``todo``; commits shards; returns layer metadata by fingerprint."""
     from tqdm.auto import tqdm
 
-    forward = Forward.for_taps(plan.spec, plan.taps, plan.pools, device=plan.device, precision=plan.precision)
+    forward = Forward.for_taps(plan.spec, plan.taps, plan.pools, device=plan.device, precision=plan.precision,
+                               tta=settings.tta)
     prepare = PreparedImages(ItemBytes(dataset, todo), plan.spec.preprocessing, settings.max_pixels)
     writer = ShardWriter(shard_dir, plan.layer_fps.values(), settings.commit_every, settings.batch_size)
     bar = tqdm(total=len(todo), unit="img", desc=f"extract {plan.spec.name}", disable=not settings.progress,
@@ -421,6 +426,7 @@ def _assemble(final: Path, plan: _Plan, dataset: Dataset, settings: ExtractSetti
         "schema_version": SCHEMA_VERSION, "key": plan.key, "model": spec.name, "arch": spec.arch,
         "weights_id": spec.weights_id, "weights_sha256": spec.weights_sha256,
         "preprocessing": spec.preprocessing.to_dict(), "precision": plan.precision, "storage_dtype": settings.dtype,
+        "tta": settings.tta,
         "versions": plan.key_spec["extractor"]["versions"], "data_name": dataset.name, "data_kind": dataset.kind,
         "data_root": str(dataset.root) if dataset.root is not None else "", "created": now_iso(),
         "fingerprint_spec": {k: v for k, v in plan.key_spec.items() if k != "skipped_before_extraction"},

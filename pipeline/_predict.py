@@ -23,7 +23,7 @@ from .files import write_text
 from .forward import FileBytes, Forward, PreparedImages
 from .layers import Tap
 from .models import imagenet_categories, resolve_model
-from .saved import SavedFinetuned, load_model
+from .saved import SavedFinetuned, head_parts, load_model
 from .scan import image_files
 from .settings import DEFAULT_MODEL
 
@@ -149,11 +149,12 @@ def predict(model_dir: str | os.PathLike, images, *, top_k: int = 1, batch_size:
     saved = load_model(model_dir, trust_pickle=trust_pickle)
     paths = image_paths(images)
     spec = saved.spec
-    model_spec = resolve_model(spec["model"], weights=spec.get("weights"), image_size=spec.get("image_size"))
-    _check_preprocessing(model_spec, spec, saved.directory)
     torch_device = resolve_device(device)
     if isinstance(saved, SavedFinetuned):
         from .finetuning.surgery import build_finetune_model
+
+        model_spec = resolve_model(spec["model"], weights=spec.get("weights"), image_size=spec.get("image_size"))
+        _check_preprocessing(model_spec, spec, saved.directory)
 
         network = build_finetune_model(model_spec, len(saved.classes), from_scratch=bool(spec.get("from_scratch")))
         _load_weights(network, saved)
@@ -161,20 +162,52 @@ def predict(model_dir: str | os.PathLike, images, *, top_k: int = 1, batch_size:
         kept, logits, skipped = _run(forward, paths, model_spec.preprocessing, batch_size, on_error)
         probabilities = _softmax(logits) if kept else np.zeros((0, len(saved.classes)))
         return Predictions(_top_k_rows(kept, probabilities, saved.classes, top_k), skipped, top_k)
-    if model_spec.weights_sha256 != spec["weights_sha256"]:
-        raise TlpInputError(
-            f"the weights of {spec['model']} differ from those the head in {saved.directory} was trained on "
-            "(sha256 mismatch); use the same weights file or re-run the sweep"
-        )
-    tap = Tap(name=spec["layer"], node=spec["node"])
-    pooling = spec["pooling"] if spec["pooling"] != "none" else "avg"
-    forward = Forward.for_taps(model_spec, [tap], {tap.name: pooling}, device=torch_device, precision=spec["precision"])
-    kept, features, skipped = _run(forward, paths, model_spec.preprocessing, batch_size, on_error)
+    kept, X, skipped = _head_features(saved, paths, batch_size, torch_device, on_error)
     if not kept:
         return Predictions([], skipped, top_k)
-    X = features[tap.name].astype(spec.get("storage_dtype", "float32")).astype(np.float32)
     model_classes = [saved.classes[int(c)] for c in saved.estimator.classes_]
     return Predictions(_top_k_rows(kept, _probabilities(saved.estimator, X), model_classes, top_k), skipped, top_k)
+
+
+def _network_of(part: dict) -> tuple:
+    """What decides one forward pass: parts sharing it come from the same pass."""
+    return (part["model"], part.get("weights"), part.get("image_size"), part["precision"], part.get("tta", "none"))
+
+
+def _head_features(saved, paths: list[str], batch_size: int, device, on_error: str):
+    """(kept paths, (N, D) features, skipped) exactly as the head's training rows were made:
+    per part the same weights (checked by sha256), preprocessing, tap, pooling, precision
+    and flip averaging, rounded to the stored dtype; a fused head's parts side by side, one
+    forward pass per network."""
+    parts = head_parts(saved.spec)
+    groups: dict[tuple, list[int]] = {}
+    for index, part in enumerate(parts):
+        groups.setdefault(_network_of(part), []).append(index)
+    columns: dict[int, dict[str, np.ndarray]] = {}
+    skipped: list[dict] = []
+    for indices in groups.values():
+        first = parts[indices[0]]
+        model_spec = resolve_model(first["model"], weights=first.get("weights"), image_size=first.get("image_size"))
+        _check_preprocessing(model_spec, first, saved.directory)
+        if model_spec.weights_sha256 != first["weights_sha256"]:
+            raise TlpInputError(
+                f"the weights of {first['model']} differ from those the head in {saved.directory} was trained on "
+                "(sha256 mismatch); use the same weights file or re-run the sweep")
+        taps = [Tap(name=f"part{i}", node=parts[i]["node"]) for i in indices]
+        pools = {f"part{i}": parts[i]["pooling"] if parts[i]["pooling"] != "none" else "avg" for i in indices}
+        forward = Forward.for_taps(model_spec, taps, pools, device=device, precision=first["precision"],
+                                   tta=first.get("tta", "none"))
+        kept, features, failed = _run(forward, paths, model_spec.preprocessing, batch_size, on_error)
+        skipped += [entry for entry in failed if entry not in skipped]
+        for i in indices:
+            columns[i] = dict(zip(kept, features[f"part{i}"])) if kept else {}
+    # A file one network could not use is left out of all (decoding is the same for each).
+    kept = [path for path in paths if all(path in columns[i] for i in range(len(parts)))]
+    if not kept:
+        return [], None, skipped
+    X = np.hstack([np.stack([columns[i][path] for path in kept]).astype(parts[i].get("storage_dtype", "float32"))
+                   .astype(np.float32) for i in range(len(parts))])
+    return kept, X, skipped
 
 
 def predict_imagenet(images, *, model: str = DEFAULT_MODEL, weights=None, top_k: int = 5, batch_size: int = 32,

@@ -1,11 +1,24 @@
-"""``tlp run``: advise, then run the recipe of the measured case, end to end.
+"""``tlp run``: advise, then measure which recipe pays on the training part, within a budget.
 
-The data set is scanned once and split once (:func:`tlp.data.split`); the planner
-measures the training part only, so nothing a choice is based on ever saw the test part,
-and the same parts go to the sweep (cases 1-2: three depths chosen by the case,
-late-leaning for similar data, early/mid-leaning for different data) or to fine-tuning
-(cases 3-4, with the case's freezing). Every option of those stages is accepted, by
-name, and goes to each stage that has it.
+The data set is scanned once and split once (:func:`tlp.data.split`); nothing a choice is
+based on ever sees the test part. The steps:
+
+1. **advise** on the training part: size and similarity, hence the case (:mod:`tlp.plan`);
+2. **frozen sweep**, always: heads over the case's depths and their fusions
+   (``mid+late``...), selected by cross-validation. It is cheap, and it is the evidence
+   every other recipe must beat;
+3. **flip-averaged features** for the winning row, unless the user said the data has a
+   handedness (``--no-hflip``): kept when their cross-validated accuracy is higher;
+4. **fine-tuning**, when the data is not small (median >= ``--finetune-per-class``, 100),
+   the frozen winner leaves room (CV below :data:`ROOM`) and a first estimate says at
+   least :data:`MIN_EPOCHS` epochs fit the rest of ``--budget``: the recipe of the
+   measured case (:func:`tlp.plan.finetune_candidate`), stopped at the epoch that would
+   end past the budget. The frozen winner is refit on the same training positions and
+   scored on the same validation images as the fine-tuned network; the higher validation
+   accuracy wins (the frozen winner on a tie).
+
+The report's ``evidence.candidates`` lists every recipe tried or skipped, with its
+validation score and seconds; ``recipe.why`` says why the winner won.
 """
 
 from __future__ import annotations
@@ -19,40 +32,54 @@ from typing import Callable
 
 from .data import as_dataset, require_classes, split
 from .dataset import Dataset
-from .plan import Advice, advise
+from .plan import DIFFERENT_LAYERS, SIMILAR_LAYERS, Advice, advise, finetune_candidate
 from .settings import ExtractSettings, FinetuneSettings, PlanSettings, SweepSettings, route_options
 
-__all__ = ["RunOutcome", "run", "RUN_SETTINGS"]
+__all__ = ["RunOutcome", "run", "RUN_SETTINGS", "ROOM", "MIN_EPOCHS"]
 
 logger = logging.getLogger(__name__)
 
 # The stages `run` may call, whose options it accepts.
 RUN_SETTINGS = (ExtractSettings, SweepSettings, PlanSettings, FinetuneSettings)
+# A frozen winner at or above this CV accuracy leaves no room worth a fine-tuning run.
+ROOM = 0.995
+# Fine-tuning is started only if this many epochs are estimated to fit the budget.
+MIN_EPOCHS = 3
+# A training step (forward, backward, update) costs about this many forward passes (the
+# rule of thumb for CNNs; measured 2.5-3.5x with efficientnet_lite0 on 2 cores).
+TRAIN_STEP_COST = 3.0
 
 
 @dataclass
 class RunOutcome:
-    """The advice, which stage ran, and that stage's result (SweepResult or FinetuneResult)."""
+    """The advice, which stage's result won, that result (SweepResult or FinetuneResult),
+    and every candidate measured."""
 
     advice: Advice
-    stage: str  # "sweep" or "finetune"
+    stage: str  # "sweep" or "finetune": the winner's
     result: object
     out: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    candidates: list[dict] = field(default_factory=list)  # every recipe tried or skipped
+    why: str = ""
+    frozen: object = None  # the frozen sweep's result (also when fine-tuning won)
 
     def to_report(self) -> dict:
         report = self.result.to_report()
         report["case"] = self.advice.case
         report["stage"] = self.stage
-        report["recipe"] = {**self.advice.recipe, **report.get("recipe", {})}  # fine-tuning adds its details
-        report["evidence"] = self.advice.evidence
+        report["recipe"] = {**self.advice.recipe, **report.get("recipe", {}), "stage": self.stage, "why": self.why}
+        report["evidence"] = {**self.advice.evidence, "candidates": self.candidates}
+        if self.stage != "sweep" and self.frozen is not None:
+            report["evidence"]["frozen_sweep"] = {k: v for k, v in self.frozen.to_report().items()
+                                                  if k in ("best", "results", "cv_folds", "timings")}
         report["timings"] = {**report.get("timings", {}), **{k: round(v, 4) for k, v in self.timings.items()}}
         return report
 
 
 def run(data, *, test=None, out: str | Path | None = None, say: Callable[[str], None] | None = None,
         **options) -> RunOutcome:
-    """Advise on the training part of ``data``, then sweep (cases 1-2) or fine-tune (cases 3-4).
+    """Advise on the training part of ``data``, then measure the recipes that may pay.
 
     Parameters
     ----------
@@ -61,45 +88,192 @@ def run(data, *, test=None, out: str | Path | None = None, say: Callable[[str], 
     test : float, int, Dataset, str or path, optional
         The test part (see :func:`tlp.data.split`), held out before anything is measured.
     out : path, optional
-        Folder for the stage's outputs (plots, results, the saved model; checkpoints).
+        Folder for the outputs (plots, results, the winner's saved model; the fine-tuning
+        run's own folder under ``finetune/``).
     say : callable, optional
-        Called with the advice's summary before the stage runs (the CLI prints it).
+        Called with the advice's summary, and a line per candidate as it is measured.
     **options
         Any field of ExtractSettings, SweepSettings, PlanSettings or FinetuneSettings
-        (``image_size=64``, ``heads=["softmax"]``, ``hflip=False``, ``epochs=3``, ...).
-        ``layers`` and ``case`` default to the measured case's.
+        (``image_size=64``, ``heads=["softmax"]``, ``hflip=False``, ``budget=5``, ...).
+        ``layers`` defaults to the measured similarity's, ``freeze`` to the case's.
     """
-    started = time.perf_counter()
+    started = time.monotonic()
     routed = route_options(options, RUN_SETTINGS, "run()")
     extraction = ExtractSettings(**{"pool": "auto", **routed[ExtractSettings]}).validated()
     sweeping = SweepSettings(**routed[SweepSettings]).validated()
-    planning = PlanSettings(**routed[PlanSettings])
+    planning = PlanSettings(**routed[PlanSettings]).validated()
+    tuning = FinetuneSettings(**routed[FinetuneSettings])
+    deadline = started + planning.budget * 60
     seed = sweeping.seed  # one seed for every stage: route_options gave each the same value
     dataset = as_dataset(data, on_error=extraction.on_error, max_pixels=extraction.max_pixels)
     training, test_part = split(dataset, test, seed, on_error=extraction.on_error, max_pixels=extraction.max_pixels)
     require_classes(training)
     advice = advise(training, extraction, planning, data_name=None if isinstance(data, Dataset) else str(data))
-    timings = {"advise_seconds": time.perf_counter() - started}
-    if say is not None:
-        say(advice.summary())
-    mark = time.perf_counter()
-    if advice.recipe["stage"] == "sweep":
-        from ._sweep import sweep
+    timings = {"advise_seconds": time.monotonic() - started}
+    tell = say or (lambda _line: None)
+    tell(advice.summary())
 
-        layers = extraction.layers if "layers" in routed[ExtractSettings] else tuple(advice.recipe["layers"])
-        logger.info("sweeping %s heads over %s", ", ".join(sweeping.heads), ", ".join(layers))
-        result = sweep(training, sweeping, test=test_part, out=out,
-                       extraction=dataclasses.replace(extraction, layers=layers))
-        stage = "sweep"
+    mark = time.monotonic()
+    plain, candidates = _frozen(training, test_part, advice, extraction, sweeping, routed, tell)
+    timings["sweep_stage_seconds"] = time.monotonic() - mark
+    frozen = plain
+    if tuning.hflip and "tta" not in routed[ExtractSettings]:
+        mark = time.monotonic()
+        frozen = _try_flip(plain, training, test_part, extraction, sweeping, candidates, deadline, tell)
+        timings["flip_seconds"] = time.monotonic() - mark
     else:
-        from .finetuning.stage import finetune
+        candidates.append({"recipe": "frozen, flip-averaged features", "skipped":
+                           "--no-hflip: the data has a handedness" if not tuning.hflip else "--tta given"})
+    if out is not None:
+        plain.save(out)  # the whole table and its plots
+        if frozen is not plain:
+            frozen.save(out, tables=False)  # the flip-averaged winner's saved model
 
-        fields = {"case": str(advice.case), **routed[FinetuneSettings]}
-        if fields["case"] == "auto":
-            fields["case"] = str(advice.case)
-        result = finetune(training, FinetuneSettings(**fields), test=test_part, out=out)
-        stage = "finetune"
-    timings[f"{stage}_stage_seconds"] = time.perf_counter() - mark
-    timings["run_seconds"] = time.perf_counter() - started
+    flip = " (flip-averaged features)" if frozen is not plain else ""
+    stage, result, why = "sweep", frozen, (f"frozen {frozen.best['head']} on {frozen.best['layer']}{flip}: best "
+                                           f"cross-validated accuracy {frozen.best['cv_accuracy']:.4f}")
+    mark = time.monotonic()
+    tuned = _try_finetune(frozen, training, test_part, advice, tuning, routed, planning, candidates, deadline,
+                          out, tell)
+    if tuned is not None:
+        tuned_result, frozen_val = tuned
+        # The frozen winner's entry (plain or flip-averaged) gets its score on the same images.
+        next(c for c in candidates if c["recipe"] == ("frozen" if frozen is plain else
+                                                      "frozen, flip-averaged features"))["validation_accuracy"] = frozen_val
+        timings["finetune_stage_seconds"] = time.monotonic() - mark
+        if tuned_result.val_accuracy > frozen_val:
+            stage, result = "finetune", tuned_result
+            why = (f"fine-tuning (freeze {tuned_result.recipe['freeze']:g}) reached validation accuracy "
+                   f"{tuned_result.val_accuracy:.4f} against the frozen winner's {frozen_val:.4f} on the same "
+                   f"{tuned_result.n_val} validation images")
+            if out is not None:
+                from .finetuning.stage import write_outputs
+
+                write_outputs(Path(out), tuned_result, _tuning_settings(tuning, routed, advice))
+        else:
+            why += (f"; on the same {tuned_result.n_val} validation images it scored {frozen_val:.4f}, fine-tuning "
+                    f"{tuned_result.val_accuracy:.4f}")
+    timings["run_seconds"] = time.monotonic() - started
     return RunOutcome(advice=advice, stage=stage, result=result, out=Path(out) if out is not None else None,
-                      timings=timings)
+                      timings=timings, candidates=candidates, why=why, frozen=plain)
+
+
+# ----------------------------------------------------------------------------- frozen heads
+def _frozen(training, test_part, advice: Advice, extraction, sweeping, routed, tell):
+    """The frozen sweep over the measured similarity's depths and their fusions."""
+    from ._sweep import sweep
+
+    similar = advice.evidence["similarity"]["similar"]
+    layers = extraction.layers if "layers" in routed[ExtractSettings] else \
+        tuple(SIMILAR_LAYERS if similar else DIFFERENT_LAYERS)
+    logger.info("sweeping %s heads over %s", ", ".join(sweeping.heads), ", ".join(layers))
+    mark = time.monotonic()
+    result = sweep(training, sweeping, test=test_part, extraction=dataclasses.replace(extraction, layers=layers))
+    best = result.best
+    candidates = [{"recipe": "frozen", "layer": best["layer"], "head": best["head"], "params": best["params"],
+                   "cv_accuracy": best["cv_accuracy"], "seconds": round(time.monotonic() - mark, 2)}]
+    tell(f"  frozen: {best['head']} on {best['layer']}, CV {best['cv_accuracy']:.4f}")
+    return result, candidates
+
+
+def _try_flip(frozen, training, test_part, extraction, sweeping, candidates, deadline, tell):
+    """The winning row again on flip-averaged features (one more forward pass of twice the
+    images); the better cross-validated accuracy is kept."""
+    from ._sweep import sweep
+
+    best = frozen.best
+    entry = {"recipe": "frozen, flip-averaged features", "layer": best["layer"], "head": best["head"]}
+    spent = frozen.timings.get("extract_seconds", 0.0)
+    if time.monotonic() + 2 * spent > deadline:
+        candidates.append({**entry, "skipped": f"its extraction (about {2 * spent:.0f} s) does not fit the rest "
+                                               "of --budget"})
+        tell(f"  flip-averaged: skipped ({candidates[-1]['skipped']})")
+        return frozen
+    mark = time.monotonic()
+    flipped = sweep(training, dataclasses.replace(sweeping, heads=(best["head"],)), test=test_part,
+                    extraction=dataclasses.replace(extraction, layers=(best["layer"],), tta="flip"))
+    won = flipped.best["cv_accuracy"] > best["cv_accuracy"]
+    candidates.append({**entry, "params": flipped.best["params"], "cv_accuracy": flipped.best["cv_accuracy"],
+                       "seconds": round(time.monotonic() - mark, 2), "kept": won})
+    tell(f"  flip-averaged: {best['head']} on {best['layer']}, CV {flipped.best['cv_accuracy']:.4f}"
+         f" -> {'kept' if won else 'plain kept'}")
+    return flipped if won else frozen
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+def _tuning_settings(tuning: FinetuneSettings, routed, advice: Advice) -> FinetuneSettings:
+    """The fine-tuning settings of the measured case (the user's own --freeze wins)."""
+    fields = dict(routed[FinetuneSettings])
+    if fields.get("freeze") is None and not fields.get("from_scratch"):
+        fields["freeze"] = finetune_candidate(advice)["freeze"]
+    if str(fields.get("case", "auto")) == "auto" and advice.case in (3, 4):
+        fields["case"] = str(advice.case)
+    return dataclasses.replace(tuning, **fields).validated()
+
+
+def _try_finetune(frozen, training: Dataset, test_part, advice: Advice, tuning, routed, planning: PlanSettings,
+                  candidates, deadline, out, tell):
+    """Fine-tune where it may pay and fits; (result, the frozen winner's validation
+    accuracy on the same images), or None when skipped (the reason is in ``candidates``)."""
+    from .finetuning.stage import finetune, validation_split
+
+    settings = _tuning_settings(tuning, routed, advice)
+    candidate = finetune_candidate(advice)
+    entry = {"recipe": "fine-tune", "freeze": settings.freeze, "why": candidate["why"]}
+    median = advice.evidence["size"]["median_per_class"]
+    reason = None
+    if median < planning.finetune_per_class:
+        reason = f"small data: median {median:g} images per class, fine-tuning is measured from " \
+                 f"{planning.finetune_per_class} (--finetune-per-class)"
+    elif frozen.best["cv_accuracy"] >= ROOM:
+        reason = f"the frozen winner's CV accuracy {frozen.best['cv_accuracy']:.4f} leaves no room (>= {ROOM})"
+    elif settings.val <= 0:
+        reason = "--val 0: no validation images to compare the recipes on"
+    else:
+        estimate = _epoch_estimate(frozen, advice, settings, len(training.items))
+        left = deadline - time.monotonic()
+        if left <= 0:
+            reason = "--budget is spent"
+        elif estimate is not None and MIN_EPOCHS * estimate > left:
+            reason = (f"about {estimate:.0f} s per epoch: {MIN_EPOCHS} epochs do not fit the {max(left, 0):.0f} s "
+                      "left of --budget")
+        entry["estimated_epoch_seconds"] = None if estimate is None else round(estimate, 1)
+    if reason is not None:
+        candidates.append({**entry, "skipped": reason})
+        tell(f"  fine-tune: skipped ({reason})")
+        return None
+    mark = time.monotonic()
+    result = finetune(training, settings, test=test_part, out=Path(out) / "finetune" if out is not None else None,
+                      deadline=deadline)
+    train_positions, val_positions = validation_split(training, settings)
+    frozen_val = frozen.holdout_accuracy([training.items[i].path for i in train_positions],
+                                         [training.items[i].path for i in val_positions], seed=settings.seed)
+    candidates.append({**entry, "validation_accuracy": result.val_accuracy, "best_epoch": result.best_epoch,
+                       "epochs_run": len(result.history), "image_size": result.recipe.get("image_size"),
+                       "seconds": round(time.monotonic() - mark, 2)})
+    tell(f"  fine-tune (freeze {settings.freeze:g}): validation {result.val_accuracy:.4f}, frozen winner "
+         f"{frozen_val:.4f} on the same {result.n_val} images")
+    return result, frozen_val
+
+
+def _epoch_estimate(frozen, advice: Advice, settings: FinetuneSettings, n_images: int) -> float | None:
+    """Seconds per fine-tuning epoch, from this run's extraction speed (the planner's or
+    the sweep's; None when every row came from the cache and nothing was timed):
+    :data:`TRAIN_STEP_COST` forward passes per training image, scaled by the pixel ratio
+    of the two resolutions."""
+    measured = advice.evidence["similarity"].get("extraction", {})
+    speed, crop = measured.get("images_per_second"), measured.get("crop_size")
+    extracted = frozen.extract
+    if extracted is not None and extracted.n_extracted and extracted.images_per_second > 0:
+        speed, crop = extracted.images_per_second, _crop_of(extracted)
+    if not speed:
+        return None
+    ratio = ((settings.image_size or crop) / crop) ** 2
+    return n_images * (1 - settings.val) * TRAIN_STEP_COST * ratio / speed
+
+
+def _crop_of(extracted) -> int:
+    from .featurefile import FeatureFile
+
+    with FeatureFile(extracted.path) as features:
+        return int(features.attrs["preprocessing"]["crop_size"])

@@ -21,6 +21,7 @@ Nothing here imports torch at module level (extraction is imported where it runs
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -32,14 +33,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .data import as_dataset, require_classes, require_labels, split, stratified_split
-from .dataset import Dataset
-from .errors import TlpInputError
+from .candidates import Candidate, Part, distinct
 from .featurefile import FeatureFile
 from .files import write_text
 from .heads import head_grid
 from .racing import RACE_FOLDS, RACE_MIN_GAP, RACE_Z, Cell, Problem, cv_folds, run_cells
 from .settings import DEFAULT_HEADS, ExtractSettings, SweepSettings, route_options
+from .sweepinputs import Features, Inputs, sweep_inputs
 
 if TYPE_CHECKING:
     from ._extract import ExtractResult
@@ -61,10 +61,31 @@ class SweepResult:
     best: dict  # the row with the highest cv_accuracy among those that ran every fold
     timings: dict[str, float] = field(default_factory=dict)
     extract: ExtractResult | None = None  # the training part's extraction (None for arrays and cache files)
+    other_extracts: list = field(default_factory=list)  # other networks' extractions (fused candidates)
     n_folds: int = 0  # folds (or 1 validation split) every row would run without racing
     racing: bool = False  # whether rows behind could stop early
     cv_results: dict[str, list] = field(default_factory=dict, repr=False)  # per grid point, see _cv_results
     best_estimator: object = field(default=None, repr=False)  # the winner's plain pipeline, fitted on all training rows
+    inputs: Inputs | None = field(default=None, repr=False, compare=False)  # the features swept
+
+    def save(self, out: str | Path, *, tables: bool = True) -> None:
+        """Write what ``sweep(out=...)`` writes: results.csv and the plots (unless
+        ``tables=False``) and the saved winner."""
+        _write_outputs(self, Path(out), self.inputs.test, self.inputs, tables=tables)
+
+    def holdout_accuracy(self, train_paths, val_paths, seed: int = 0) -> float:
+        """The winner (its layer, head and parameters) refit on the training rows of
+        ``train_paths`` and scored on those of ``val_paths``: how ``tlp run`` compares it
+        with a fine-tuned network on the same validation images."""
+        from .heads import make_head
+
+        features = self.inputs.train
+        row = {path: i for i, path in enumerate(features.paths or ())}
+        fit = np.asarray([row[p] for p in train_paths if p in row], dtype=np.int64)
+        score = np.asarray([row[p] for p in val_paths if p in row], dtype=np.int64)
+        X, y = features.layers[self.best["layer"]], features.labels
+        estimator = make_head(self.best["head"], self.best["params"], seed).fit(X[fit], y[fit])
+        return round(float(estimator.score(X[score], y[score])), 6)
 
     def __repr__(self) -> str:
         best = self.best
@@ -101,6 +122,7 @@ class SweepResult:
             "cv_folds": self.n_folds,
             "racing": {"enabled": self.racing, "first_folds": RACE_FOLDS, "z": RACE_Z, "min_gap": RACE_MIN_GAP},
             "extract": self.extract.to_report() if self.extract else None,
+            **({"other_extracts": [r.to_report() for r in self.other_extracts]} if self.other_extracts else {}),
         }
 
     def table(self) -> str:
@@ -111,6 +133,7 @@ class SweepResult:
         layers = list(dict.fromkeys(row["layer"] for row in self.results))
         heads = list(dict.fromkeys(row["head"] for row in self.results))
         cell = {(row["layer"], row["head"]): row for row in self.results}
+        same_as = {row["layer"]: row.get("same_as") or [] for row in self.results}
         rows = []
         spread = any(row["cv_std"] is not None for row in self.results)  # else one split: no ± at all
         for layer in layers:
@@ -119,7 +142,7 @@ class SweepResult:
                 row = cell.get((layer, head))
                 mark = "*" if row is self.best else "~" if row is not None and self._stopped(row) else " "
                 values.append("" if row is None else f"{_accuracy_text(row, spread)}{mark}")
-            rows.append([layer] + values)
+            rows.append([" = ".join([layer, *same_as[layer]])] + values)
         table = format_table(rows, ["layer"] + heads)
         stopped = sorted({row["n_folds"] for row in self.results if self._stopped(row)})
         if stopped:
@@ -153,7 +176,7 @@ def _accuracy_text(row: dict, spread: bool) -> str:
 
 def _public(row: dict) -> dict:
     keep = ("layer", "head", "params", "cv_accuracy", "cv_std", "n_folds", "test_accuracy", "fit_seconds",
-            "n_convergence_warnings")
+            "n_convergence_warnings", "same_as")
     return {k: row[k] for k in keep if k in row}
 
 
@@ -195,11 +218,14 @@ def sweep(data, settings: SweepSettings | None = None, *, test=None, out: str | 
     settings = dataclasses.replace(settings or SweepSettings(), **routed[SweepSettings]).validated()
     extraction = dataclasses.replace(extraction or ExtractSettings(pool="auto"), **routed[ExtractSettings])
     started = time.perf_counter()
-    inputs = _inputs(data, test, settings, extraction)
+    inputs = sweep_inputs(data, test, settings, extraction)
     timings = {"extract_seconds": inputs.extract_seconds, "load_seconds": time.perf_counter() - started}
 
     mark = time.perf_counter()
     train, held = inputs.train, inputs.test
+    stands_for = distinct(train.layers, held.layers)  # identical candidates are swept once
+    train.layers = {name: train.layers[name] for name in stands_for}
+    held.layers = {name: held.layers[name] for name in stands_for}
     folds = cv_folds(train.labels, settings.cv, settings.val, settings.seed)
     grids = {head: head_grid(head, train.labels) for head in settings.heads}
     cells = [Cell(layer, head, grids[head]) for layer in train.layers for head in settings.heads]
@@ -215,157 +241,20 @@ def sweep(data, settings: SweepSettings | None = None, *, test=None, out: str | 
     rows = []
     for cell in cells:
         _estimator, accuracy, seconds = refits.get(cell.key, (None, None, None))
-        rows.append({**_row(cell), "test_accuracy": accuracy,
+        rows.append({**_row(cell), "same_as": stands_for[cell.layer], "test_accuracy": accuracy,
                      "fit_seconds": None if seconds is None else round(seconds, 4)})
     timings["sweep_seconds"] = time.perf_counter() - mark
     timings["total_seconds"] = time.perf_counter() - started
     result = SweepResult(
         model=inputs.model, classes=train.classes, n_train=len(train.labels), n_test=len(held.labels), results=rows,
-        best=rows[cells.index(winner)], timings=timings, extract=inputs.extract, n_folds=len(folds),
-        racing=settings.racing, cv_results=_cv_results(cells, len(folds)),
-        best_estimator=refits[winner.key][0],
+        best=rows[cells.index(winner)], timings=timings, extract=inputs.extract,
+        other_extracts=inputs.other_extracts, n_folds=len(folds), racing=settings.racing,
+        cv_results=_cv_results(cells, len(folds)),
+        best_estimator=refits[winner.key][0], inputs=inputs,
     )
     if out is not None:
         _write_outputs(result, Path(out), held, inputs)
     return result
-
-
-# ----------------------------------------------------------------------------- inputs
-@dataclass
-class _Features:
-    layers: dict[str, np.ndarray]  # layer -> (N, D) float32
-    labels: np.ndarray  # (N,) class indices
-    classes: list[str]
-    paths: list[str] | None = None  # the image of each row, for features read from a cache file
-
-    def rows(self, positions) -> "_Features":
-        paths = None if self.paths is None else [self.paths[i] for i in positions]
-        return _Features({k: v[positions] for k, v in self.layers.items()}, self.labels[positions], self.classes,
-                         paths)
-
-    def part(self, dataset: Dataset) -> "_Features":
-        """The rows of ``dataset``'s images, in its order (an image that could not be
-        decoded has no row and is left out)."""
-        row = {path: i for i, path in enumerate(self.paths)}
-        return self.rows(np.asarray([row[item.path] for item in dataset.items if item.path in row], dtype=np.int64))
-
-
-@dataclass
-class _Inputs:
-    train: _Features
-    test: _Features  # empty (0 rows) without a test part
-    model: str  # the network's name, as the cache file records it
-    cache_file: Path | None = None  # the training features' cache file: what a saved winner names
-    model_option: str | None = None  # the --model that made them (None: as recorded)
-    weights: str | None = None  # the --weights that made them
-    extract: ExtractResult | None = None
-    extract_seconds: float = 0.0
-
-
-def _from_file(path) -> tuple[_Features, dict]:
-    """A cache file's layers, labels and classes, and its root attributes."""
-    with FeatureFile(path) as features:
-        loaded = _Features({name: features.load(name) for name in features.layers}, features.labels,
-                           features.classes, features.paths)
-        return loaded, features.attrs
-
-
-def _from_arrays(pair, classes=None) -> _Features:
-    try:
-        X, y = pair
-    except (TypeError, ValueError):
-        raise TlpInputError("feature data must be a pair (X, y): X (N, D) or {layer: (N, D)}, y (N,)") from None
-    layers = {k: np.asarray(v, dtype=np.float32) for k, v in (X.items() if isinstance(X, dict) else {"features": X}.items())}
-    y = np.asarray(y)
-    if any(v.ndim != 2 or len(v) != len(y) for v in layers.values()):
-        raise TlpInputError(f"X must be (N, D) with N = len(y) = {len(y)}, got shapes "
-                            f"{', '.join(str(v.shape) for v in layers.values())}")
-    names = [str(c) for c in np.unique(y)] if classes is None else classes
-    position = {name: i for i, name in enumerate(names)}
-    unknown = sorted({str(v) for v in y} - set(position))
-    if unknown:
-        raise TlpInputError(f"test labels {', '.join(unknown[:5])} are not among the training labels")
-    return _Features(layers, np.asarray([position[str(v)] for v in y], dtype=np.int64), names)
-
-
-def _is_cache_file(data) -> bool:
-    return isinstance(data, (str, Path)) and str(data).endswith(".h5") and Path(data).is_file()
-
-
-def _held_out(train: _Features, test, seed: int) -> tuple[_Features, _Features]:
-    """A fraction or count of feature rows held out (the stratified split images get)."""
-    if test is None:
-        return train, train.rows(np.arange(0))
-    if isinstance(test, bool) or not isinstance(test, (int, float, np.integer, np.floating)):
-        raise TlpInputError(f"with features as data, test must be a fraction, a count, (X_test, y_test) or a "
-                            f"cache file, got {test!r}")
-    kept, held = stratified_split(train.labels, test, seed, "test")
-    return train.rows(kept), train.rows(held)
-
-
-def _inputs(data, test, settings: SweepSettings, extraction: ExtractSettings) -> _Inputs:
-    if not (isinstance(data, tuple) or _is_cache_file(data)):
-        return _extracted(data, test, settings, extraction)
-    if isinstance(data, tuple):
-        whole, model, weights, cache_file = _from_arrays(data), "features", None, None
-    else:
-        whole, attrs = _from_file(data)
-        model, cache_file = attrs["model"], Path(data)
-        weights = "none" if attrs["weights_id"] == "none" else None  # a weights file's path is not recorded
-    if isinstance(test, tuple):
-        train, held = whole, _from_arrays(test, whole.classes)
-    elif _is_cache_file(test):
-        other, _ = _from_file(test)
-        train, held = whole, _Features(other.layers, _by_name(other, whole.classes, test), whole.classes)
-    else:
-        train, held = _held_out(whole, test, settings.seed)
-    require_labels(train.labels, train.classes,
-                   "the feature rows have labels" if cache_file is None else f"cache file {str(cache_file)!r} has rows")
-    return _Inputs(train, held, model, cache_file, weights)
-
-
-def _by_name(features: _Features, classes: list[str], source) -> np.ndarray:
-    from .data import labels_by_class_name
-
-    return labels_by_class_name(features.labels, features.classes, classes, source)
-
-
-def _extracted(data, test, settings: SweepSettings, extraction: ExtractSettings) -> _Inputs:
-    """Images: split once (see tlp.data.split), then extract (or reuse) what the parts need.
-
-    When the two parts are the whole of one scanned data set (``--test FRACTION``, or the
-    parts ``run`` hands on), that data set is extracted as one cache file and each part
-    takes its rows from it; otherwise each part is extracted on its own.
-    """
-    from ._extract import extract
-
-    extraction = extraction.validated()
-    dataset = as_dataset(data, on_error=extraction.on_error, max_pixels=extraction.max_pixels)
-    training, test_part = split(dataset, test, settings.seed, on_error=extraction.on_error,
-                                max_pixels=extraction.max_pixels)
-    require_classes(training)
-    whole = _whole_of(training, test_part)
-    result = extract(whole if whole is not None else training, extraction)
-    features, _ = _from_file(result.path)
-    seconds = result.seconds
-    if whole is not None:
-        train, held = features.part(training), features.part(test_part)
-    else:
-        train, held = features, features.rows(np.arange(0))
-        if test_part is not None:
-            held_result = extract(test_part, extraction)
-            held, _ = _from_file(held_result.path)
-            seconds += held_result.seconds
-    return _Inputs(train, held, result.model, cache_file=result.path, model_option=extraction.model,
-                   weights=extraction.weights, extract=result, extract_seconds=seconds)
-
-
-def _whole_of(training: Dataset, test_part: Dataset | None) -> Dataset | None:
-    """The scanned data set that the two parts together make up, if they do."""
-    source = training.source
-    if test_part is None or source is None or test_part.source is not source:
-        return None
-    return source if sorted(training.origin + test_part.origin) == list(range(len(source.items))) else None
 
 
 # ----------------------------------------------------------------------------- results
@@ -416,15 +305,17 @@ def _cv_results(cells: list[Cell], n_folds: int) -> dict[str, list]:
     return columns
 
 
-def _write_outputs(result: SweepResult, out: Path, held: _Features, inputs: _Inputs) -> None:
+def _write_outputs(result: SweepResult, out: Path, held: Features, inputs: Inputs, tables: bool = True) -> None:
     """results.csv, accuracy_by_depth.png, the winner's confusion_matrix.png (with a test
     part) and, when the features came from images, the saved winner for ``tlp predict``."""
     from .plots import plot_accuracy_by_depth, plot_confusion_matrix
-    from .saved import save_head
+    from .saved import HeadPart, save_head
 
-    result.to_csv(out / "results.csv")
-    plot_accuracy_by_depth(result.results, out / "accuracy_by_depth.png", title=f"{result.model}: CV accuracy by depth")
     best = result.best
+    if tables:
+        result.to_csv(out / "results.csv")
+        plot_accuracy_by_depth(result.results, out / "accuracy_by_depth.png",
+                               title=f"{result.model}: CV accuracy by depth")
     if len(held.labels):
         predicted = result.best_estimator.predict(held.layers[best["layer"]])
         plot_confusion_matrix(held.labels, predicted, result.classes, out / "confusion_matrix.png",
@@ -433,6 +324,13 @@ def _write_outputs(result: SweepResult, out: Path, held: _Features, inputs: _Inp
         logger.info("features given as arrays: no model.json for `tlp predict` "
                                          "(the winner is SweepResult.best_estimator)")
         return
-    with FeatureFile(inputs.cache_file) as features:
+    candidate = next((c for c in inputs.candidates or () if c.name == best["layer"]),
+                     Candidate(best["layer"], (Part(None, best["layer"]),)))
+    with contextlib.ExitStack() as stack:
+        parts = []
+        for part in candidate.parts:
+            source = inputs.sources[part.model]
+            features = stack.enter_context(FeatureFile(source.cache_file))
+            parts.append(HeadPart(part.layer, features, source.model, source.weights))
         save_head(out, result.best_estimator, head=best["head"], params=best["params"], layer=best["layer"],
-                  features=features, model=inputs.model_option or inputs.model, weights=inputs.weights)
+                  parts=parts)

@@ -167,8 +167,12 @@ class Verb:
 
 
 _RUN_LAYERS = {"default": argparse.SUPPRESS,
-               "help": "presets or graph node names (default: the measured case's: mid,late,penultimate for case 1, "
-                       "early,mid,late for case 2)"}
+               "help": "presets, graph node names or fusions such as mid+late (default: the measured similarity's: "
+                       "mid,late,penultimate,mid+late when similar, early,mid,late,mid+late,early+mid+late when "
+                       "different)"}
+_RUN_TTA = {"default": argparse.SUPPRESS,
+            "help": "none or flip: use these features only (default: plain, then flip-averaged features for the "
+                    "winning row, kept if their CV is higher; --no-hflip skips that)"}
 
 VERBS = (
     Verb("extract", "cache pooled multi-depth features of a data set", commands.extract, (ExtractSettings,)),
@@ -181,10 +185,11 @@ VERBS = (
          out="folder for model-<sha12>.pt, model.json, history.csv, history.png and checkpoints/ (a rerun resumes)"),
     Verb("advise", "measure size and similarity, print the case (1-4) and its recipe", commands.advise,
          (ExtractSettings, PlanSettings), exclude=("layers", "pool")),
-    Verb("run", "advise, then extract+sweep (cases 1-2) or fine-tune (cases 3-4)", commands.run,
+    Verb("run", "advise, then measure frozen heads, flip-averaged features and fine-tuning within --budget; "
+                "keep the best on validation", commands.run,
          (ExtractSettings, SweepSettings, PlanSettings, FinetuneSettings), test=True,
-         defaults={"pool": {"default": "auto"}, "layers": _RUN_LAYERS},
-         out="folder for the plots, results and saved model (and fine-tuning's checkpoints)"),
+         defaults={"pool": {"default": "auto"}, "layers": _RUN_LAYERS, "tta": _RUN_TTA},
+         out="folder for the plots, results and the winner's saved model (fine-tuning's own folder in finetune/)"),
     Verb("demo", "`tlp run digits --test 0.5` offline with the default model", commands.demo, (ModelOptions,),
          data=False, out="folder for the plots, results and saved model"),
 )

@@ -138,7 +138,10 @@ def advise(args) -> int:
 
 def _run_summary(outcome) -> str:
     result = outcome.result
-    lines = [_sweep_summary(result) if outcome.stage == "sweep" else _finetune_summary(result)]
+    lines = [_sweep_summary(outcome.frozen)]
+    if outcome.stage == "finetune":
+        lines += ["", _finetune_summary(result)]
+    lines.append(f"chosen: {outcome.why}")
     test = result.best.get("test_accuracy") if outcome.stage == "sweep" else result.test_accuracy
     if test is not None:
         lines.append(f"case {outcome.advice.case}: test accuracy {test:.4f}")

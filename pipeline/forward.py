@@ -143,12 +143,19 @@ class Forward:
     each tap's per-image shape before pooling. Without taps it returns the network's own
     output (a fine-tuned network's class scores) as a float32 array. The network is put in
     eval mode and channels-last on ``device``.
+
+    ``tta="flip"`` runs every batch together with its mirror image (one forward pass of
+    twice the batch) and returns, per tap, the mean of the two pooled outputs: features
+    that no longer depend on which way the object faces.
     """
 
     def __init__(self, network: nn.Module, prep: Preprocessing, *, device: torch.device, precision: str,
-                 spec: ModelSpec | None = None, taps: list[Tap] | None = None, pools: dict[str, str] | None = None):
+                 spec: ModelSpec | None = None, taps: list[Tap] | None = None, pools: dict[str, str] | None = None,
+                 tta: str = "none"):
         tune_cpu_allocator()
-        self.prep, self.device, self.precision = prep, device, precision
+        if tta not in ("none", "flip"):
+            raise ValueError(f"tta must be none or flip, got {tta!r}")
+        self.prep, self.device, self.precision, self.tta = prep, device, precision, tta
         self.taps, self.pools = taps, pools or {}
         module = build_tap_extractor(spec, network, taps) if taps else network
         self.module = module.to(device=device, memory_format=torch.channels_last).eval()
@@ -156,19 +163,22 @@ class Forward:
 
     @classmethod
     def for_taps(cls, spec: ModelSpec, taps: list[Tap], pools: dict[str, str], *, device: torch.device,
-                 precision: str, network: nn.Module | None = None) -> "Forward":
+                 precision: str, network: nn.Module | None = None, tta: str = "none") -> "Forward":
         """The spec's network (or ``network``) with these taps, pooled as ``pools`` says."""
         network = network if network is not None else spec.build()
         return cls(network, spec.preprocessing, device=device, precision=precision, spec=spec, taps=taps,
-                   pools=pools)
+                   pools=pools, tta=tta)
 
     def __call__(self, pixels: torch.Tensor):
         with torch.inference_mode():
             batch = normalize(pixels.to(self.device, non_blocking=True), self.prep)
+            n = batch.shape[0]
+            if self.tta == "flip":  # the mirror images ride in the same forward pass
+                batch = torch.cat([batch, batch.flip(-1)]).contiguous(memory_format=torch.channels_last)
             with autocast(self.device, self.precision):
                 outputs = self.module(batch)
             if not self.taps:
-                return outputs.float().cpu().numpy()
+                return self._flip_mean(outputs.float(), n).cpu().numpy()
             pooled = {}  # pooled in float32, outside autocast (see tlp.pooling.pool)
             for tap in self.taps:
                 tensor = outputs[tap.node]
@@ -176,8 +186,12 @@ class Forward:
                     shape = tuple(int(v) for v in tensor.shape[1:])
                     check_grid_fits(tap.name, tap.node, shape, self.pools.get(tap.name, "avg"), self.prep.crop_size)
                     self.tap_shapes[tap.name] = shape
-                pooled[tap.name] = pool(tensor, self.pools.get(tap.name, "avg")).cpu().numpy()
+                pooled[tap.name] = self._flip_mean(pool(tensor, self.pools.get(tap.name, "avg")), n).cpu().numpy()
         return pooled
+
+    def _flip_mean(self, values: torch.Tensor, n: int) -> torch.Tensor:
+        """The first ``n`` rows, or with flip TTA the mean of each row and its mirror's."""
+        return (values[:n] + values[n:]) / 2 if self.tta == "flip" else values
 
     def rows(self, prepare: Callable, n: int, *, batch_size: int, workers: int = 0,
              on_failure: Callable[[list[tuple[int, ImageDecodeError]]], None] | None = None):

@@ -40,14 +40,12 @@ from typing import Callable
 from .errors import TlpInputError
 from .featurefile import FeatureFile
 from .files import atomic_file, library_versions, remove_orphans, temp_name, write_json
+from .savedspec import (ENTRY_KEYS, FINETUNED_FORMAT, HEAD_FORMAT, PICKLE_HEAD_FORMAT, SPEC_NAME, MissingFile,
+                        read_spec, short, verified_bytes)
 
 __all__ = ["SPEC_NAME", "HEAD_FORMAT", "PICKLE_HEAD_FORMAT", "FINETUNED_FORMAT", "HEAD_TYPES", "SavedModel",
-           "SavedHead", "SavedFinetuned", "save_head", "save_finetuned", "load_model"]
+           "SavedHead", "SavedFinetuned", "HeadPart", "save_head", "head_parts", "save_finetuned", "load_model"]
 
-SPEC_NAME = "model.json"
-HEAD_FORMAT = "tlp-head-v2"  # head-<sha12>.skops
-PICKLE_HEAD_FORMAT = "tlp-head-v1"  # head.joblib: read with trust_pickle=True only
-FINETUNED_FORMAT = "tlp-finetuned-v1"  # model-<sha12>.pt (model.pt before the atomic layout)
 LEGACY_WEIGHTS_NAME = "model.pt"  # now a link to model-<sha12>.pt
 # The types beyond skops's defaults that tlp's heads hold (``skops.io.get_untrusted_types``
 # of every head in heads.HEADS, fitted on 3 to 1,280 dimensions in float32 and float64).
@@ -62,18 +60,6 @@ HEAD_TYPES = (
 # Names of weights files tlp writes: the only files a new save removes (those the
 # replaced spec named), so a crafted spec cannot make a save delete plots or reports.
 _WEIGHTS_FILE = re.compile(r"head-[0-9a-f]{12}\.skops|model-[0-9a-f]{12}\.pt|head\.joblib|model\.pt")
-_NONE = type(None)
-_COMMON_KEYS = {"model": str, "weights": (str, _NONE), "weights_sha256": (str, _NONE),
-                "image_size": (int, _NONE), "preprocessing": dict, "precision": str, "classes": list,
-                "versions": dict}
-_KEYS = {
-    HEAD_FORMAT: {**_COMMON_KEYS, "layer": str, "node": str, "pooling": str, "storage_dtype": str, "head": dict},
-    FINETUNED_FORMAT: {**_COMMON_KEYS, "classifier": str, "finetuned": dict},
-}
-_KEYS[PICKLE_HEAD_FORMAT] = _KEYS[HEAD_FORMAT]
-_ENTRY_KEYS = {"head": {"name": str, "params": dict, "file": str, "sha256": str},
-               "finetuned": {"file": str, "sha256": str}}
-_PRECISIONS = ("fp32", "bf16", "fp16")
 logger = logging.getLogger(__name__)
 
 
@@ -110,32 +96,62 @@ class SavedFinetuned(SavedModel):
 
 
 # ----------------------------------------------------------------------------- writing
+@dataclass(frozen=True)
+class HeadPart:
+    """One cached layer a head reads: the layer's name in ``features`` (its cache file) and
+    the ``--model`` and ``--weights`` values that extraction used."""
+
+    layer: str
+    features: FeatureFile
+    model: str
+    weights: str | None
+
+
+def _part_spec(part: HeadPart) -> dict:
+    """What prediction needs to recompute one part's features exactly, from its cache file."""
+    features, meta = part.features, part.features.layer_meta(part.layer)
+    attrs = features.attrs
+    return {"model": part.model, "weights": part.weights, "weights_id": attrs["weights_id"],
+            "weights_sha256": attrs["weights_sha256"], "image_size": attrs["preprocessing"]["crop_size"],
+            "preprocessing": attrs["preprocessing"], "precision": attrs["precision"],
+            "tta": attrs.get("tta", "none"), "layer": part.layer, "node": meta.node, "pooling": meta.pooling,
+            "storage_dtype": str(features.stored_dtype(part.layer)), "cache_key": features.key}
+
+
 def save_head(directory: str | os.PathLike, estimator, *, head: str, params: dict, layer: str,
-              features: FeatureFile, model: str, weights: str | None) -> Path:
+              features: FeatureFile | None = None, model: str | None = None, weights: str | None = None,
+              parts: list[HeadPart] | None = None) -> Path:
     """Write the head (``head-<sha12>.skops``) and ``model.json`` into ``directory``,
     replacing the model there atomically; returns the spec path.
 
     Everything about the features comes from the cache file they were read from;
     ``model`` and ``weights`` are the ``--model`` and ``--weights`` values the extraction
     used (``resnet50:IMAGENET1K_V1``, a weights file, ``"none"`` or None), which
-    prediction needs to build the same network with the same preprocessing.
+    prediction needs to build the same network with the same preprocessing. A head on
+    fused features (``layer="mid+late"``) names its ``parts`` instead, in column order;
+    the spec lists them under ``parts``.
     """
     import zipfile
 
     import skops.io
 
+    parts = parts if parts is not None else [HeadPart(layer, features, model, weights)]
     buffer = io.BytesIO()
     skops.io.dump(estimator, buffer, compression=zipfile.ZIP_DEFLATED)  # kNN heads hold their rows: 3x smaller
-    meta, attrs = features.layer_meta(layer), features.attrs
-    spec = {
-        "format": HEAD_FORMAT, "model": model, "weights": weights, "weights_id": attrs["weights_id"],
-        "weights_sha256": attrs["weights_sha256"], "image_size": attrs["preprocessing"]["crop_size"],
-        "preprocessing": attrs["preprocessing"], "precision": attrs["precision"], "layer": layer, "node": meta.node,
-        "pooling": meta.pooling, "storage_dtype": str(features.stored_dtype(layer)), "classes": features.classes,
-        "cache_key": features.key, "versions": _versions(),
-    }
+    described = [_part_spec(part) for part in parts]
+    spec = {"format": HEAD_FORMAT, **described[0], "layer": layer, "classes": parts[0].features.classes,
+            "versions": _versions()}
+    if len(described) > 1:
+        spec.update({"node": "+".join(p["node"] for p in described), "pooling": "+".join(p["pooling"] for p in described),
+                     "storage_dtype": "+".join(p["storage_dtype"] for p in described), "parts": described})
     return _commit(Path(directory), buffer.getvalue(), "head", ".skops",
                    lambda entry: {**spec, "head": {"name": head, "params": params, **entry}})
+
+
+def head_parts(spec: dict) -> list[dict]:
+    """The parts a head's features are made of, in column order: the spec's ``parts``, or
+    the spec itself for a head on one layer."""
+    return spec["parts"] if "parts" in spec else [spec]
 
 
 def save_finetuned(directory: str | os.PathLike, state_dict: dict, *, spec: dict) -> Path:
@@ -203,115 +219,9 @@ def _weights_named(directory: Path) -> set[str]:
         spec = json.loads((directory / SPEC_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return set()
-    entries = [spec.get(key) for key in _ENTRY_KEYS] if isinstance(spec, dict) else []
+    entries = [spec.get(key) for key in ENTRY_KEYS] if isinstance(spec, dict) else []
     return {e["file"] for e in entries if isinstance(e, dict) and isinstance(e.get("file"), str)
             and _WEIGHTS_FILE.fullmatch(e["file"])}
-
-
-# ----------------------------------------------------------------------------- checking the spec
-class _MissingFile(TlpInputError):
-    """A file the spec names is not there (perhaps replaced by a save since the spec was read)."""
-
-
-def _command(spec: dict) -> str:
-    return "tlp finetune" if spec.get("format") == FINETUNED_FORMAT else "tlp sweep"
-
-
-def _short(value) -> str:
-    import reprlib
-
-    return reprlib.repr(value)
-
-
-def _read_spec(directory: Path) -> dict:
-    """model.json, parsed and validated: a JSON object of a known format whose keys have
-    the right types; nothing it names has been read yet."""
-    spec_path = directory / SPEC_NAME
-    if not spec_path.is_file():
-        raise TlpInputError(f"{str(directory)!r} holds no {SPEC_NAME}; pass a folder written by "
-                            "`tlp sweep --out` or `tlp finetune --out`")
-    try:
-        spec = json.loads(spec_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
-        raise TlpInputError(f"{spec_path} is not valid JSON ({error}); re-run the `tlp sweep --out` or "
-                            "`tlp finetune --out` that wrote this folder") from None
-    if not isinstance(spec, dict):
-        raise TlpInputError(f"{spec_path} holds a JSON {type(spec).__name__}, not an object; re-run the "
-                            "`tlp sweep --out` or `tlp finetune --out` that wrote this folder")
-    if spec.get("format") not in _KEYS:
-        raise TlpInputError(f"{spec_path} has format {_short(spec.get('format'))}, expected one of "
-                            f"{', '.join(map(repr, _KEYS))}; re-run the command that wrote it with this tlp")
-    _check_keys(spec_path, spec, _KEYS[spec["format"]], "")
-    entry = "head" if "head" in _KEYS[spec["format"]] else "finetuned"
-    _check_keys(spec_path, spec[entry], _ENTRY_KEYS[entry], f"{entry}.")
-    _check_values(spec_path, spec)
-    return spec
-
-
-def _has_type(value, kinds) -> bool:
-    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
-    return isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
-
-
-def _check_keys(spec_path: Path, mapping: dict, keys: dict, prefix: str) -> None:
-    for key, kinds in keys.items():
-        if key not in mapping:
-            raise TlpInputError(f"{spec_path} lacks the key {prefix}{key!r}; re-run the command that wrote the "
-                                "folder (`tlp sweep --out` or `tlp finetune --out`)")
-        if not _has_type(mapping[key], kinds):
-            names = " or ".join(k.__name__.replace("NoneType", "null")
-                                for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
-            raise TlpInputError(f"{spec_path}: {prefix}{key} must be {names}, got {_short(mapping[key])}; re-run "
-                                "the command that wrote the folder (`tlp sweep --out` or `tlp finetune --out`)")
-
-
-def _check_values(spec_path: Path, spec: dict) -> None:
-    classes, fix = spec["classes"], f"re-run `{_command(spec)} --out` to write the folder again"
-    if len(classes) < 2 or not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(classes):
-        raise TlpInputError(f"{spec_path}: classes must be a list of at least 2 distinct names, got "
-                            f"{_short(classes)}; {fix}")
-    if spec["precision"] not in _PRECISIONS:
-        raise TlpInputError(f"{spec_path}: precision must be one of {', '.join(_PRECISIONS)}, got "
-                            f"{_short(spec['precision'])}; {fix}")
-    if spec["image_size"] is not None and spec["image_size"] <= 0:
-        raise TlpInputError(f"{spec_path}: image_size must be a positive integer, got {spec['image_size']}; {fix}")
-    if "storage_dtype" in spec and spec["storage_dtype"] not in ("float16", "float32", "float64"):
-        raise TlpInputError(f"{spec_path}: storage_dtype must be float16, float32 or float64, got "
-                            f"{_short(spec['storage_dtype'])}; {fix}")
-
-
-def _inside(directory: Path, spec: dict, key: str) -> Path:
-    """The file ``spec[key]["file"]`` names, if it is a plain name that resolves inside
-    the folder (no absolute path, no ``..``, no symbolic link out of it)."""
-    spec_path, name = directory / SPEC_NAME, spec[key]["file"]
-    separators = {"/", "\\", os.sep, os.altsep} - {None}
-    if not name or name in (".", "..") or "\0" in name or any(s in name for s in separators):
-        raise TlpInputError(f"{spec_path}: {key}.file {name!r} is not a plain file name beside {SPEC_NAME}; a saved "
-                            f"model only names files inside its folder, so nothing is read; re-run "
-                            f"`{_command(spec)} --out` to write the folder again")
-    root = os.path.realpath(directory)
-    path = os.path.realpath(os.path.join(root, name))
-    if os.path.dirname(path) != root:
-        raise TlpInputError(f"{spec_path}: {key}.file {name!r} is a link to {path!r}, outside the folder; a saved "
-                            f"model only names files inside its folder, so nothing is read; re-run "
-                            f"`{_command(spec)} --out` to write the folder again")
-    return Path(path)
-
-
-def _verified_bytes(directory: Path, spec: dict, key: str) -> tuple[Path, bytes]:
-    """The bytes of the file ``spec[key]`` names, if they match its recorded sha256 (read
-    once: what is checked is what is loaded)."""
-    path, command = _inside(directory, spec, key), _command(spec)
-    shown = str(directory / spec[key]["file"])
-    if not path.is_file():
-        raise _MissingFile(f"file {shown!r} named by {directory / SPEC_NAME} is missing; re-run `{command} --out`")
-    data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != spec[key]["sha256"]:
-        raise TlpInputError(
-            f"file {shown!r} does not match the sha256 in {SPEC_NAME}: it was modified "
-            f"or corrupted, so it is not loaded; re-run `{command} --out` to write it again"
-        )
-    return path, data
 
 
 def _one_line(error: BaseException) -> str:
@@ -324,11 +234,11 @@ def load_model(directory: str | os.PathLike, *, trust_pickle: bool = False) -> S
     holds can run code. ``trust_pickle=True`` also loads a ``tlp-head-v1`` pickle head,
     which can: only for files you wrote yourself."""
     directory = Path(directory)
-    spec = _read_spec(directory)
+    spec = read_spec(directory)
     try:
         return _load(directory, spec, trust_pickle)
-    except _MissingFile:
-        again = _read_spec(directory)  # a save replaced the model between our two reads
+    except MissingFile:
+        again = read_spec(directory)  # a save replaced the model between our two reads
         if again == spec:
             raise
         return _load(directory, again, trust_pickle)
@@ -350,7 +260,7 @@ def _load(directory: Path, spec: dict, trust_pickle: bool) -> SavedHead | SavedF
             f"head file {str(directory / spec['head']['file'])!r} was saved by scikit-learn {saved_version}, this is "
             f"{sklearn.__version__}; it is not loaded: re-run `tlp sweep --out` with this version"
         )
-    path, data = _verified_bytes(directory, spec, "head")
+    path, data = verified_bytes(directory, spec, "head")
     estimator = _unpickle(path, data) if spec["format"] == PICKLE_HEAD_FORMAT else _skops_head(path, data)
     _check_head_classes(directory, spec, estimator)
     return SavedHead(directory, spec, estimator)
@@ -391,7 +301,7 @@ def _check_head_classes(directory: Path, spec: dict, estimator) -> None:
     except (TypeError, ValueError):
         fits = False
     if not fits:
-        shown = _short(labels.tolist() if hasattr(labels, "tolist") else labels)
+        shown = short(labels.tolist() if hasattr(labels, "tolist") else labels)
         raise TlpInputError(f"the head in {str(directory)!r} predicts the labels {shown}, not the {n} classes its "
                             f"{SPEC_NAME} lists; re-run `tlp sweep --out` to write the folder again")
 
@@ -401,7 +311,7 @@ def _load_state_dict(directory: Path, spec: dict) -> dict:
     has one output per class of the spec."""
     import torch
 
-    path, data = _verified_bytes(directory, spec, "finetuned")
+    path, data = verified_bytes(directory, spec, "finetuned")
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - a corrupt or hostile file, on one line

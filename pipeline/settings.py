@@ -40,6 +40,7 @@ DEFAULT_LAYERS = ("early", "mid", "late")
 DEFAULT_HEADS = ("softmax", "svm", "mlp", "knn")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FINETUNE_CASES = ("auto", "3", "4")
+TTA_CHOICES = ("none", "flip")
 
 
 # ----------------------------------------------------------------------------- parsers
@@ -215,6 +216,10 @@ class ExtractSettings(ModelOptions):
                             "avg elsewhere), or LAYER=POOL pairs")
     dtype: str = option("float16", key="storage_dtype", group="extraction", choices=("float16", "float32"),
                         help="storage dtype of the cached rows (a float16 layer that would overflow is stored as float32)")
+    tta: str = option("none", key="tta", group="extraction", choices=TTA_CHOICES,
+                      help="test-time augmentation of the stored features: none, or flip (per layer, the mean of "
+                           "the features of each image and of its mirror image; one more forward pass per image; "
+                           "only for data without a handedness)")
     max_pixels: int = option(89_478_485, key="max_pixels", group="extraction", cli=False,
                              help="images with more pixels are refused (decompression-bomb guard)")
     on_error: str = option("fail", why="which files are left out is part of the data's identity", group="data",
@@ -236,6 +241,7 @@ class ExtractSettings(ModelOptions):
         parse_pooling(settings.pool)
         _check(settings.dtype in ("float16", "float32"), f"--dtype must be float16 or float32, got {settings.dtype!r}")
         _check(settings.on_error in ("fail", "skip"), f"--on-error must be fail or skip, got {settings.on_error!r}")
+        _check(settings.tta in TTA_CHOICES, f"--tta must be none or flip, got {settings.tta!r}")
         for name in ("batch_size", "commit_every"):
             value = getattr(settings, name)
             _check(isinstance(value, int) and value >= 1,
@@ -290,16 +296,26 @@ class PlanSettings:
                                   help="images per class (median) from which a data set counts as large")
     max_images: int = option(2000, why="advice is not cached", group="planner", metavar="N", parse=positive_int,
                              help="similarity is measured on a stratified, seeded sample of at most N images")
+    finetune_per_class: int = option(100, why="advice is not cached", group="planner", metavar="N",
+                                     parse=positive_int,
+                                     help="`tlp run` measures fine-tuning against the frozen heads from this median "
+                                          "number of images per class on (below it, frozen heads only)")
+    budget: float = option(10.0, why="advice is not cached", group="planner", metavar="MINUTES", parse=float,
+                           help="`tlp run`: wall-time budget; the frozen sweep always runs, flip-averaged features "
+                                "and fine-tuning only where they fit (fine-tuning stops at the epoch that would "
+                                "end past it)")
     seed: int = option(0, why="advice is not cached", group="data", metavar="S", parse=int,
                        help="seed of every split, sample and initialisation")
     progress: bool = option(True, why="what is shown, not computed", group="output", cli=False,
                             help="progress bars on stderr")
 
     def validated(self) -> "PlanSettings":
-        for name in ("large_per_class", "max_images"):
+        for name in ("large_per_class", "max_images", "finetune_per_class"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1,
                    f"--{name.replace('_', '-')} must be at least 1, got {value!r}")
+        _check(isinstance(self.budget, (int, float)) and self.budget > 0,
+               f"--budget must be a positive number of minutes, got {self.budget!r}")
         return self
 
 

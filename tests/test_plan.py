@@ -64,22 +64,41 @@ def test_run_sweeps_for_small_similar_data(tmp_path, planner_cache):
                  "--report", str(report), "--quiet"]) == 0
     result = json.loads(report.read_text())
     assert result["case"] == 1 and result["stage"] == "sweep"
-    assert {row["layer"] for row in result["results"]} == {"mid", "late", "penultimate"}
+    # penultimate is late for EfficientNet: swept once; mid+late is the free fusion
+    assert [(row["layer"], row["same_as"]) for row in result["results"]][::4] == [
+        ("mid", []), ("late", ["penultimate"]), ("mid+late", [])]
     assert result["n_test"] == 30 and result["best"]["test_accuracy"] >= 0.9
     assert result["evidence"]["similarity"]["similar"]
     assert (out / "model.json").exists() and (out / "accuracy_by_depth.png").exists()
 
 
-@needs_skimage
-def test_run_fine_tunes_large_data(tmp_path, planner_cache):
+def test_run_measures_fine_tuning_against_the_frozen_winner_on_the_same_validation_images(tmp_path, planner_cache):
     report, out = tmp_path / "run.json", tmp_path / "out"
-    assert main(["run", "photos", "--test", "0.25", "--large-per-class", "10", "--epochs", "1",
-                 "--image-size", "64", "--cache-dir", planner_cache, "--out", str(out), "--no-hflip",
+    assert main(["run", "digits", "--test", "0.8", "--image-size", "64", "--large-per-class", "10",
+                 "--finetune-per-class", "10", "--epochs", "1", "--heads", "softmax", "--no-hflip",
+                 "--cache-dir", planner_cache, "--out", str(out), "--report", str(report), "--quiet"]) == 0
+    result = json.loads(report.read_text())
+    assert result["case"] == 4  # large (from 10 per class here) and different
+    frozen, flip, tuned = result["evidence"]["candidates"]
+    assert frozen["recipe"] == "frozen" and 0.0 <= frozen["validation_accuracy"] <= 1.0
+    assert flip["skipped"].startswith("--no-hflip")
+    assert tuned["recipe"] == "fine-tune" and tuned["freeze"] == 0.0  # large data: the whole network
+    assert tuned["epochs_run"] == 1 and 0.0 <= tuned["validation_accuracy"] <= 1.0 and tuned["seconds"] > 0
+    # The winner is whichever scored higher on the same validation images; its model is saved.
+    won = "finetune" if tuned["validation_accuracy"] > frozen["validation_accuracy"] else "sweep"
+    assert result["stage"] == won and result["recipe"]["why"]
+    spec = json.loads((out / "model.json").read_text())
+    assert spec["format"] == ("tlp-finetuned-v1" if won == "finetune" else "tlp-head-v2")
+    assert (out / "finetune" / "checkpoints" / "epoch-001.pt").exists() and (out / "results.csv").exists()
+    assert ("frozen_sweep" in result["evidence"]) == (won == "finetune")  # the frozen table is kept either way
+
+
+def test_run_within_a_spent_budget_keeps_the_frozen_winner_and_says_why(tmp_path, planner_cache):
+    report = tmp_path / "run.json"
+    assert main(["run", "digits", "--test", "0.8", "--image-size", "64", "--finetune-per-class", "10",
+                 "--heads", "softmax", "--budget", "0.001", "--cache-dir", planner_cache,
                  "--report", str(report), "--quiet"]) == 0
     result = json.loads(report.read_text())
-    assert result["case"] == 3 and result["stage"] == "finetune"
-    assert result["recipe"]["freeze"] == 0.7 and len(result["history"]) == 1
-    assert result["recipe"]["hflip"] is False  # run hands fine-tuning's options on
-    assert 0.0 <= result["best"]["test_accuracy"] <= 1.0
-    weights = json.loads((out / "model.json").read_text())["finetuned"]["file"]
-    assert (out / weights).exists() and (out / "checkpoints" / "epoch-001.pt").exists()
+    frozen, flip, tuned = result["evidence"]["candidates"]
+    assert result["stage"] == "sweep" and frozen["cv_accuracy"] == result["best"]["cv_accuracy"]
+    assert "budget" in flip["skipped"] and "budget" in tuned["skipped"]

@@ -111,16 +111,28 @@ def _optimizer(network: Network, settings: FinetuneSettings) -> torch.optim.Opti
     return torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
 
 
-def _schedule(total_steps: int, warmup_steps: int):
-    """Linear warm-up from 1% to the full rate, then cosine decay to zero, per step."""
+class _Schedule:
+    """Linear warm-up from 1% to the full rate, then cosine decay to zero, per step.
+    ``total_steps`` may be shortened after the first epoch (a time budget), and the decay
+    then ends where the run will."""
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return 0.01 + 0.99 * step / max(1, warmup_steps)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    def __init__(self, total_steps: int, warmup_steps: int):
+        self.total_steps, self.warmup_steps = total_steps, warmup_steps
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return 0.01 + 0.99 * step / max(1, self.warmup_steps)
+        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
-    return factor
+
+def _epochs_that_fit(deadline: float | None, epoch_seconds: float, done: int, planned: int) -> int:
+    """How many epochs the run can have in all: ``planned``, or fewer when the ones left
+    would end after ``deadline`` (a ``time.monotonic`` value) at the pace of the last epoch."""
+    if deadline is None:
+        return planned
+    left = int((deadline - time.monotonic()) // max(epoch_seconds, 1e-9))
+    return max(done, min(planned, done + left))
 
 
 @dataclass
@@ -195,9 +207,14 @@ def _log_epoch(row: dict, epochs: int) -> None:
                 row["train_loss"], row["train_accuracy"], val, row["images_per_second"] or 0.0)
 
 
-def train(parts: Parts, settings: FinetuneSettings, recipe: Recipe, *, out: Path | None = None) -> FinetuneResult:
+def train(parts: Parts, settings: FinetuneSettings, recipe: Recipe, *, out: Path | None = None,
+          deadline: float | None = None) -> FinetuneResult:
     """Fine-tune on ``parts`` as ``recipe`` says, resuming from ``out/checkpoints`` when it
-    holds this run's checkpoints (``settings.restart`` discards them)."""
+    holds this run's checkpoints (``settings.restart`` discards them).
+
+    ``deadline`` (a ``time.monotonic()`` value) caps the time: after each epoch, the run
+    keeps only the epochs that still fit at that epoch's pace, and the learning-rate decay
+    is shortened to end with them (the checkpoints keep the shortened schedule)."""
     started = time.perf_counter()
     device = resolve_device(settings.device)
     precision = training_precision(settings.precision, device)
@@ -210,8 +227,8 @@ def train(parts: Parts, settings: FinetuneSettings, recipe: Recipe, *, out: Path
     network.model.to(device=device, memory_format=torch.channels_last)
     optimizer = _optimizer(network, settings)
     steps_per_epoch = max(1, len(parts.train) // settings.batch_size + (len(parts.train) % settings.batch_size >= 2))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _schedule(steps_per_epoch * settings.epochs, int(round(settings.warmup_epochs * steps_per_epoch))))
+    schedule = _Schedule(steps_per_epoch * settings.epochs, int(round(settings.warmup_epochs * steps_per_epoch)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     # What a checkpoint must match: the key fields of the settings, resolved, and the data.
     entries = key_entries(settings, {"model": spec.identity(), "precision": precision, "device": device.type,
@@ -230,13 +247,20 @@ def train(parts: Parts, settings: FinetuneSettings, recipe: Recipe, *, out: Path
                    criterion=nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing),
                    images=DecodedImages(dataset, spec.preprocessing), labels=dataset.labels, settings=settings,
                    device=device, precision=precision, pool=pool)
-        while not state.finished and state.epoch < settings.epochs:
+        epochs = settings.epochs  # fewer when the deadline says so after the first epoch
+        while not state.finished and state.epoch < epochs:
+            epoch_started = time.monotonic()
             row = _train_epoch(run, parts.train, state.epoch + 1)
             if parts.val:
                 row["val_accuracy"] = _accuracy(run, run.images, parts.val, run.labels)
-            state.end_epoch(row, network.model, epochs=settings.epochs,
-                            patience=settings.patience if parts.val else None)
-            _log_epoch(row, settings.epochs)
+            fit = _epochs_that_fit(deadline, time.monotonic() - epoch_started, state.epoch + 1, epochs)
+            if fit < epochs:
+                logger.info("time budget: %d of %d epochs fit (%.0f s per epoch)", fit, epochs,
+                            time.monotonic() - epoch_started)
+                epochs = fit
+                schedule.total_steps = steps_per_epoch * epochs  # the decay ends where the run will
+            state.end_epoch(row, network.model, epochs=epochs, patience=settings.patience if parts.val else None)
+            _log_epoch(row, epochs)
             if checkpoints is not None:
                 save_checkpoint(checkpoints, state, run_fingerprint=run_fp, model=network.model, optimizer=optimizer,
                                 scheduler=scheduler, scaler=scaler)
@@ -255,7 +279,7 @@ def train(parts: Parts, settings: FinetuneSettings, recipe: Recipe, *, out: Path
         "backbone_lr_mult": 1.0 if settings.from_scratch else settings.backbone_lr_mult, "epochs": settings.epochs,
         "batch_size": settings.batch_size, "precision": precision, "classifier": network.classifier,
         "optimizer": "AdamW", "schedule": "linear warm-up + cosine", "label_smoothing": settings.label_smoothing,
-        "hflip": settings.hflip,
+        "hflip": settings.hflip, "epochs_run": len(state.history), "image_size": spec.preprocessing.crop_size,
     }
     return FinetuneResult(
         model=spec.name, case=recipe.case, classes=list(dataset.classes), n_train=len(parts.train),

@@ -22,7 +22,7 @@ from ..settings import ExtractSettings, FinetuneSettings, PlanSettings, with_ove
 from .loop import FinetuneResult, Parts, Recipe, train
 from .surgery import CASE_FREEZE
 
-__all__ = ["finetune", "decide_recipe", "FinetuneResult"]
+__all__ = ["finetune", "decide_recipe", "validation_split", "write_outputs", "FinetuneResult"]
 
 
 def decide_recipe(settings: FinetuneSettings, training_part: Dataset) -> Recipe:
@@ -45,18 +45,22 @@ def decide_recipe(settings: FinetuneSettings, training_part: Dataset) -> Recipe:
     return Recipe(int(case), CASE_FREEZE[case])
 
 
-def _parts(training: Dataset, test: Dataset | None, settings: FinetuneSettings) -> Parts:
-    """The training part's train/validation positions (a stratified, seeded ``val``
-    fraction) with the test part beside them."""
-    positions = list(range(len(training.items)))
+def validation_split(training: Dataset, settings: FinetuneSettings) -> tuple[list[int], list[int]]:
+    """The training part's train and validation positions: a stratified, seeded ``val``
+    fraction held out (``tlp run`` scores its frozen candidates on the same positions)."""
     if settings.val <= 0:
-        return Parts(training, positions, [], test)
+        return list(range(len(training.items))), []
     kept, held = stratified_split(training.labels, settings.val, settings.seed, "val")
-    return Parts(training, kept.tolist(), held.tolist(), test)
+    return kept.tolist(), held.tolist()
+
+
+def _parts(training: Dataset, test: Dataset | None, settings: FinetuneSettings) -> Parts:
+    """The training part's train/validation positions with the test part beside them."""
+    return Parts(training, *validation_split(training, settings), test)
 
 
 def finetune(data, settings: FinetuneSettings | None = None, *, test=None, out: str | os.PathLike | None = None,
-             **overrides) -> FinetuneResult:
+             deadline: float | None = None, **overrides) -> FinetuneResult:
     """Fine-tune ``settings.model`` on ``data``.
 
     Parameters
@@ -74,6 +78,9 @@ def finetune(data, settings: FinetuneSettings | None = None, *, test=None, out: 
         (which ``tlp predict`` reads; both replaced atomically, see :mod:`tlp.saved`),
         ``history.csv``/``history.png`` and ``checkpoints/``. With ``out``, a rerun of
         the same command resumes from the newest checkpoint (``restart=True`` discards them).
+    deadline : float, optional
+        A ``time.monotonic()`` value: after the first epoch, only the epochs that fit
+        before it are run (see :func:`tlp.finetuning.loop.train`).
     """
     settings = with_overrides(settings or FinetuneSettings(), overrides, "finetune()").validated()
     dataset = as_dataset(data, on_error=settings.on_error)
@@ -82,14 +89,14 @@ def finetune(data, settings: FinetuneSettings | None = None, *, test=None, out: 
     parts = _parts(training, test_part, settings)
     recipe = decide_recipe(settings, training)
     out = Path(out) if out is not None else None
-    result = train(parts, settings, recipe, out=out)
+    result = train(parts, settings, recipe, out=out, deadline=deadline)
     if out is not None:
         result.out = out
-        _write_outputs(out, result, settings)
+        write_outputs(out, result, settings)
     return result
 
 
-def _write_outputs(out: Path, result: FinetuneResult, settings: FinetuneSettings) -> None:
+def write_outputs(out: Path, result: FinetuneResult, settings: FinetuneSettings) -> None:
     """The saved model (weights and model.json, see :mod:`tlp.saved`), history.csv and history.png."""
     from ..models import resolve_model
     from ..plots import plot_history
