@@ -9,7 +9,9 @@ based on ever sees the test part. The steps:
    every other recipe must beat;
 3. **flip-averaged features** for the winning row, unless the user said the data has a
    handedness (``--no-hflip``): kept when their cross-validated accuracy is higher;
-4. **fine-tuning**, when the data is not small (median >= ``--finetune-per-class``, 100),
+4. **a second network** (:data:`tlp.plan.PARTNERS`, if installed): the winning row's
+   depths of both networks side by side, kept when its cross-validated accuracy is higher;
+5. **fine-tuning**, when the data is not small (median >= ``--finetune-per-class``, 100),
    the frozen winner leaves room (CV below :data:`ROOM`) and a first estimate says at
    least :data:`MIN_EPOCHS` epochs fit the rest of ``--budget``: the recipe of the
    measured case (:func:`tlp.plan.finetune_candidate`), stopped at the epoch that would
@@ -24,6 +26,7 @@ validation score and seconds; ``recipe.why`` says why the winner won.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import time
 from dataclasses import dataclass, field
@@ -32,7 +35,7 @@ from typing import Callable
 
 from .data import as_dataset, require_classes, split
 from .dataset import Dataset
-from .plan import DIFFERENT_LAYERS, SIMILAR_LAYERS, Advice, advise, finetune_candidate
+from .plan import DIFFERENT_LAYERS, PARTNERS, SIMILAR_LAYERS, Advice, advise, finetune_candidate
 from .settings import ExtractSettings, FinetuneSettings, PlanSettings, SweepSettings, route_options
 
 __all__ = ["RunOutcome", "run", "RUN_SETTINGS", "ROOM", "MIN_EPOCHS"]
@@ -48,6 +51,9 @@ MIN_EPOCHS = 3
 # A training step (forward, backward, update) costs about this many forward passes (the
 # rule of thumb for CNNs; measured 2.5-3.5x with efficientnet_lite0 on 2 cores).
 TRAIN_STEP_COST = 3.0
+# The second network's extraction costs about this many of the first's per image
+# (efficientnet_lite2 at 260 px against lite0 at 224: 2.3x the multiply-adds).
+PARTNER_COST = 2.5
 
 
 @dataclass
@@ -116,43 +122,52 @@ def run(data, *, test=None, out: str | Path | None = None, say: Callable[[str], 
     mark = time.monotonic()
     plain, candidates = _frozen(training, test_part, advice, extraction, sweeping, routed, tell)
     timings["sweep_stage_seconds"] = time.monotonic() - mark
-    frozen = plain
-    if tuning.hflip and "tta" not in routed[ExtractSettings]:
+    frozen, kept = plain, candidates[0]  # the frozen winner and its entry among the candidates
+    perfect = plain.best["cv_accuracy"] >= 1.0
+    if perfect:  # nothing can beat it on the training part: no more recipes are measured
+        reason = "the frozen winner's CV accuracy is 1.0"
+        candidates += [{"recipe": "frozen, flip-averaged features", "skipped": reason},
+                       {"recipe": "frozen, fused with a second network", "skipped": reason}]
+    elif tuning.hflip and "tta" not in routed[ExtractSettings]:
         mark = time.monotonic()
-        frozen = _try_flip(plain, training, test_part, extraction, sweeping, candidates, deadline, tell)
+        frozen, kept = _try_flip(plain, training, test_part, advice, extraction, sweeping, candidates, deadline,
+                                 tell)
         timings["flip_seconds"] = time.monotonic() - mark
     else:
         candidates.append({"recipe": "frozen, flip-averaged features", "skipped":
                            "--no-hflip: the data has a handedness" if not tuning.hflip else "--tta given"})
+    if not perfect:
+        mark = time.monotonic()
+        frozen, kept = _try_partner(frozen, kept, training, test_part, advice, extraction, sweeping, candidates,
+                                    deadline, tell)
+        timings["second_network_seconds"] = time.monotonic() - mark
     if out is not None:
         plain.save(out)  # the whole table and its plots
         if frozen is not plain:
-            frozen.save(out, tables=False)  # the flip-averaged winner's saved model
+            frozen.save(out, tables=False)  # the flip-averaged or fused winner's saved model
 
-    flip = " (flip-averaged features)" if frozen is not plain else ""
+    chose_flip = frozen.inputs.tta == "flip" and "tta" not in routed[ExtractSettings]
+    flip = " (flip-averaged features)" if chose_flip else ""
     stage, result, why = "sweep", frozen, (f"frozen {frozen.best['head']} on {frozen.best['layer']}{flip}: best "
                                            f"cross-validated accuracy {frozen.best['cv_accuracy']:.4f}")
     mark = time.monotonic()
     tuned = _try_finetune(frozen, training, test_part, advice, tuning, routed, planning, candidates, deadline,
                           out, tell)
     if tuned is not None:
-        tuned_result, frozen_val = tuned
-        # The frozen winner's entry (plain or flip-averaged) gets its score on the same images.
-        next(c for c in candidates if c["recipe"] == ("frozen" if frozen is plain else
-                                                      "frozen, flip-averaged features"))["validation_accuracy"] = frozen_val
+        tuned_result, kept["validation_accuracy"] = tuned  # both scored on the same validation images
         timings["finetune_stage_seconds"] = time.monotonic() - mark
-        if tuned_result.val_accuracy > frozen_val:
+        if tuned_result.val_accuracy > kept["validation_accuracy"]:
             stage, result = "finetune", tuned_result
             why = (f"fine-tuning (freeze {tuned_result.recipe['freeze']:g}) reached validation accuracy "
-                   f"{tuned_result.val_accuracy:.4f} against the frozen winner's {frozen_val:.4f} on the same "
-                   f"{tuned_result.n_val} validation images")
+                   f"{tuned_result.val_accuracy:.4f} against the frozen winner's {kept['validation_accuracy']:.4f} "
+                   f"on the same {tuned_result.n_val} validation images")
             if out is not None:
                 from .finetuning.stage import write_outputs
 
                 write_outputs(Path(out), tuned_result, _tuning_settings(tuning, routed, advice))
         else:
-            why += (f"; on the same {tuned_result.n_val} validation images it scored {frozen_val:.4f}, fine-tuning "
-                    f"{tuned_result.val_accuracy:.4f}")
+            why += (f"; on the same {tuned_result.n_val} validation images it scored "
+                    f"{kept['validation_accuracy']:.4f}, fine-tuning {tuned_result.val_accuracy:.4f}")
     timings["run_seconds"] = time.monotonic() - started
     return RunOutcome(advice=advice, stage=stage, result=result, out=Path(out) if out is not None else None,
                       timings=timings, candidates=candidates, why=why, frozen=plain)
@@ -176,19 +191,19 @@ def _frozen(training, test_part, advice: Advice, extraction, sweeping, routed, t
     return result, candidates
 
 
-def _try_flip(frozen, training, test_part, extraction, sweeping, candidates, deadline, tell):
+def _try_flip(frozen, training, test_part, advice: Advice, extraction, sweeping, candidates, deadline, tell):
     """The winning row again on flip-averaged features (one more forward pass of twice the
-    images); the better cross-validated accuracy is kept."""
+    images); the better cross-validated accuracy is kept: (result, its candidate entry)."""
     from ._sweep import sweep
 
     best = frozen.best
     entry = {"recipe": "frozen, flip-averaged features", "layer": best["layer"], "head": best["head"]}
-    spent = frozen.timings.get("extract_seconds", 0.0)
-    if time.monotonic() + 2 * spent > deadline:
-        candidates.append({**entry, "skipped": f"its extraction (about {2 * spent:.0f} s) does not fit the rest "
+    estimate = _extraction_estimate(advice, training, test_part, 2.0)  # the image and its mirror
+    if time.monotonic() + (estimate or 0.0) > deadline:
+        candidates.append({**entry, "skipped": f"its extraction (about {estimate or 0:.0f} s) does not fit the rest "
                                                "of --budget"})
         tell(f"  flip-averaged: skipped ({candidates[-1]['skipped']})")
-        return frozen
+        return frozen, candidates[0]
     mark = time.monotonic()
     flipped = sweep(training, dataclasses.replace(sweeping, heads=(best["head"],)), test=test_part,
                     extraction=dataclasses.replace(extraction, layers=(best["layer"],), tta="flip"))
@@ -197,7 +212,54 @@ def _try_flip(frozen, training, test_part, extraction, sweeping, candidates, dea
                        "seconds": round(time.monotonic() - mark, 2), "kept": won})
     tell(f"  flip-averaged: {best['head']} on {best['layer']}, CV {flipped.best['cv_accuracy']:.4f}"
          f" -> {'kept' if won else 'plain kept'}")
-    return flipped if won else frozen
+    return (flipped, candidates[-1]) if won else (frozen, candidates[0])
+
+
+def _try_partner(frozen, kept, training, test_part, advice: Advice, extraction, sweeping, candidates, deadline,
+                 tell):
+    """The winning row with the same depths of a second network beside it
+    (:data:`tlp.plan.PARTNERS`, when installed and the row is made of presets): kept when
+    its cross-validated accuracy is higher. Returns (result, its candidate entry)."""
+    from ._sweep import sweep
+    from .layers import PRESETS
+    from .models import EMBEDDED
+
+    partner = PARTNERS.get(extraction.model) if extraction.weights is None else None
+    parts = frozen.best["layer"].split("+")
+    entry = {"recipe": "frozen, fused with a second network", "network": partner}
+    if partner is None or importlib.util.find_spec(EMBEDDED[partner].module) is None:
+        candidates.append({**entry, "skipped": f"no second network for {extraction.model} is installed "
+                                               "(pip install tlp[models])"})
+        return frozen, kept
+    if not all(part in PRESETS for part in parts):
+        candidates.append({**entry, "skipped": f"{frozen.best['layer']} names graph nodes of {extraction.model}"})
+        return frozen, kept
+    tta = frozen.inputs.tta
+    estimate = _extraction_estimate(advice, training, test_part, PARTNER_COST * (2 if tta == "flip" else 1))
+    if time.monotonic() + (estimate or 0.0) > deadline:
+        candidates.append({**entry, "skipped": f"its extraction (about {estimate or 0:.0f} s) does not fit the rest "
+                                               "of --budget"})
+        tell(f"  second network: skipped ({candidates[-1]['skipped']})")
+        return frozen, kept
+    fused = "+".join(parts + [f"{partner}:{part}" for part in parts])
+    mark = time.monotonic()
+    result = sweep(training, dataclasses.replace(sweeping, heads=(frozen.best["head"],)), test=test_part,
+                   extraction=dataclasses.replace(extraction, layers=(fused,), tta=tta))
+    won = result.best["cv_accuracy"] > frozen.best["cv_accuracy"]
+    candidates.append({**entry, "layer": fused, "head": frozen.best["head"], "params": result.best["params"],
+                       "tta": tta, "cv_accuracy": result.best["cv_accuracy"],
+                       "seconds": round(time.monotonic() - mark, 2), "kept": won})
+    tell(f"  with {partner}: {frozen.best['head']} on {fused}, CV {result.best['cv_accuracy']:.4f}"
+         f" -> {'kept' if won else 'not kept'}")
+    return (result, candidates[-1]) if won else (frozen, kept)
+
+
+def _extraction_estimate(advice: Advice, training: Dataset, test_part, cost: float) -> float | None:
+    """Seconds to extract both parts at ``cost`` times the planner's measured extraction
+    speed (None when the planner's rows all came from the cache and nothing was timed)."""
+    speed = advice.evidence["similarity"].get("extraction", {}).get("images_per_second")
+    n_images = len(training.items) + (len(test_part.items) if test_part is not None else 0)
+    return cost * n_images / speed if speed else None
 
 
 # ----------------------------------------------------------------------------- fine-tuning

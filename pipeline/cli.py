@@ -190,7 +190,7 @@ VERBS = (
          (ExtractSettings, SweepSettings, PlanSettings, FinetuneSettings), test=True,
          defaults={"pool": {"default": "auto"}, "layers": _RUN_LAYERS, "tta": _RUN_TTA},
          out="folder for the plots, results and the winner's saved model (fine-tuning's own folder in finetune/)"),
-    Verb("demo", "`tlp run digits --test 0.5` offline with the default model", commands.demo, (ModelOptions,),
+    Verb("demo", "`tlp run digits --test 0.5 --no-hflip` offline with the default model", commands.demo, (ModelOptions,),
          data=False, out="folder for the plots, results and saved model"),
 )
 

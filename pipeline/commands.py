@@ -166,9 +166,10 @@ def run(args) -> int:
 
 def demo(args) -> int:
     if not args.json:
-        _print("tlp demo: `tlp run digits --test 0.5` with efficientnet_lite0, offline "
+        _print("tlp demo: `tlp run digits --test 0.5 --no-hflip` with efficientnet_lite0, offline "
                "(1,797 8x8 digit images: is this data like ImageNet? which case? which layer and head?)")
-    return _run(args, "digits", 0.5, {**_values(args, (ModelOptions,)), "progress": not args.quiet})
+    # Digits have a handedness (a mirrored 2 is no 2): flip-averaged features are not tried.
+    return _run(args, "digits", 0.5, {**_values(args, (ModelOptions,)), "hflip": False, "progress": not args.quiet})
 
 
 # ----------------------------------------------------------------------------- predict

