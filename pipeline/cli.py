@@ -184,14 +184,14 @@ VERBS = (
          (FinetuneSettings,), test=True,
          out="folder for model-<sha12>.pt, model.json, history.csv, history.png and checkpoints/ (a rerun resumes)"),
     Verb("advise", "measure size and similarity, print the case (1-4) and its recipe", commands.advise,
-         (ExtractSettings, PlanSettings), exclude=("layers", "pool")),
-    Verb("run", "advise, then measure frozen heads, flip-averaged features and fine-tuning within --budget; "
-                "keep the best on validation", commands.run,
+         (ExtractSettings, PlanSettings), exclude=("layers", "pool", "tta", "budget", "finetune_per_class")),
+    Verb("run", "advise, then measure frozen heads, flip-averaged features, a second network and fine-tuning "
+                "within --budget; keep the best on validation", commands.run,
          (ExtractSettings, SweepSettings, PlanSettings, FinetuneSettings), test=True,
          defaults={"pool": {"default": "auto"}, "layers": _RUN_LAYERS, "tta": _RUN_TTA},
          out="folder for the plots, results and the winner's saved model (fine-tuning's own folder in finetune/)"),
-    Verb("demo", "`tlp run digits --test 0.5 --no-hflip` offline with the default model", commands.demo, (ModelOptions,),
-         data=False, out="folder for the plots, results and saved model"),
+    Verb("demo", "`tlp run digits --test 0.5 --no-hflip` offline with the default model", commands.demo,
+         (ModelOptions,), data=False, out="folder for the plots, results and saved model"),
 )
 
 

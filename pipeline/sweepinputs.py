@@ -163,8 +163,8 @@ def _extracted(data, test, settings: SweepSettings, extraction: ExtractSettings)
     trains, tests, results, seconds = [], [], {}, 0.0
     for network, layers in layers_by_model(candidates).items():
         settings_of = dataclasses.replace(extraction, layers=tuple(layers))
-        if network is not None:  # another network: its own pretrained weights and preprocessing (at
-            settings_of = dataclasses.replace(settings_of, model=network, weights=None)  # --image-size if given)
+        if network is not None:  # another network: its own weights and preprocessing, at --image-size if given
+            settings_of = dataclasses.replace(settings_of, model=network, weights=None)
         train, held, result, spent = _extract_parts(training, test_part, whole, settings_of, network)
         trains.append(train)
         tests.append(held)
@@ -216,8 +216,8 @@ def _joined(parts: list[Features]) -> Features:
     for part in parts:
         row = {path: i for i, path in enumerate(part.paths)}
         layers.update(part.rows(np.asarray([row[path] for path in order], dtype=np.int64)).layers)
-    labels = first.rows(np.asarray([i for i, path in enumerate(first.paths) if path in common], dtype=np.int64)).labels
-    return Features(layers, labels, first.classes, order)
+    kept = np.asarray([i for i, path in enumerate(first.paths) if path in common], dtype=np.int64)
+    return Features(layers, first.labels[kept], first.classes, order)
 
 
 def _whole_of(training: Dataset, test_part: Dataset | None) -> Dataset | None:
