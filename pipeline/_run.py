@@ -194,25 +194,11 @@ def _frozen(training, test_part, advice: Advice, extraction, sweeping, routed, t
 def _try_flip(frozen, training, test_part, advice: Advice, extraction, sweeping, candidates, deadline, tell):
     """The winning row again on flip-averaged features (one more forward pass of twice the
     images); the better cross-validated accuracy is kept: (result, its candidate entry)."""
-    from ._sweep import sweep
-
-    best = frozen.best
-    entry = {"recipe": "frozen, flip-averaged features", "layer": best["layer"], "head": best["head"]}
+    entry = {"recipe": "frozen, flip-averaged features"}
     estimate = _extraction_estimate(advice, training, test_part, 2.0)  # the image and its mirror
-    if time.monotonic() + (estimate or 0.0) > deadline:
-        candidates.append({**entry, "skipped": f"its extraction (about {estimate or 0:.0f} s) does not fit the rest "
-                                               "of --budget"})
-        tell(f"  flip-averaged: skipped ({candidates[-1]['skipped']})")
-        return frozen, candidates[0]
-    mark = time.monotonic()
-    flipped = sweep(training, dataclasses.replace(sweeping, heads=(best["head"],)), test=test_part,
-                    extraction=dataclasses.replace(extraction, layers=(best["layer"],), tta="flip"))
-    won = flipped.best["cv_accuracy"] > best["cv_accuracy"]
-    candidates.append({**entry, "params": flipped.best["params"], "cv_accuracy": flipped.best["cv_accuracy"],
-                       "seconds": round(time.monotonic() - mark, 2), "kept": won})
-    tell(f"  flip-averaged: {best['head']} on {best['layer']}, CV {flipped.best['cv_accuracy']:.4f}"
-         f" -> {'kept' if won else 'plain kept'}")
-    return (flipped, candidates[-1]) if won else (frozen, candidates[0])
+    return _try_variant(frozen, candidates[0], training, test_part, extraction, sweeping, candidates, tell,
+                        entry=entry, label="flip-averaged", layer=frozen.best["layer"], tta="flip",
+                        estimate=estimate, deadline=deadline)
 
 
 def _try_partner(frozen, kept, training, test_part, advice: Advice, extraction, sweeping, candidates, deadline,
@@ -220,7 +206,6 @@ def _try_partner(frozen, kept, training, test_part, advice: Advice, extraction, 
     """The winning row with the same depths of a second network beside it
     (:data:`tlp.plan.PARTNERS`, when installed and the row is made of presets): kept when
     its cross-validated accuracy is higher. Returns (result, its candidate entry)."""
-    from ._sweep import sweep
     from .layers import PRESETS
     from .models import EMBEDDED
 
@@ -236,21 +221,32 @@ def _try_partner(frozen, kept, training, test_part, advice: Advice, extraction, 
         return frozen, kept
     tta = frozen.inputs.tta
     estimate = _extraction_estimate(advice, training, test_part, PARTNER_COST * (2 if tta == "flip" else 1))
+    return _try_variant(frozen, kept, training, test_part, extraction, sweeping, candidates, tell, entry=entry,
+                        label=f"with {partner}", layer="+".join(parts + [f"{partner}:{part}" for part in parts]),
+                        tta=tta, estimate=estimate, deadline=deadline)
+
+
+def _try_variant(frozen, kept, training, test_part, extraction, sweeping, candidates, tell, *, entry: dict,
+                 label: str, layer: str, tta: str, estimate: float | None, deadline: float):
+    """The frozen winner's head swept again on other features (``layer`` with ``tta``),
+    if their extraction (``estimate`` seconds) fits before ``deadline``; kept when its
+    cross-validated accuracy is higher (the same folds). Returns (result, its entry)."""
+    from ._sweep import sweep
+
+    head = frozen.best["head"]
+    entry = {**entry, "layer": layer, "head": head, "tta": tta}
     if time.monotonic() + (estimate or 0.0) > deadline:
         candidates.append({**entry, "skipped": f"its extraction (about {estimate or 0:.0f} s) does not fit the rest "
                                                "of --budget"})
-        tell(f"  second network: skipped ({candidates[-1]['skipped']})")
+        tell(f"  {label}: skipped ({candidates[-1]['skipped']})")
         return frozen, kept
-    fused = "+".join(parts + [f"{partner}:{part}" for part in parts])
     mark = time.monotonic()
-    result = sweep(training, dataclasses.replace(sweeping, heads=(frozen.best["head"],)), test=test_part,
-                   extraction=dataclasses.replace(extraction, layers=(fused,), tta=tta))
+    result = sweep(training, dataclasses.replace(sweeping, heads=(head,)), test=test_part,
+                   extraction=dataclasses.replace(extraction, layers=(layer,), tta=tta))
     won = result.best["cv_accuracy"] > frozen.best["cv_accuracy"]
-    candidates.append({**entry, "layer": fused, "head": frozen.best["head"], "params": result.best["params"],
-                       "tta": tta, "cv_accuracy": result.best["cv_accuracy"],
+    candidates.append({**entry, "params": result.best["params"], "cv_accuracy": result.best["cv_accuracy"],
                        "seconds": round(time.monotonic() - mark, 2), "kept": won})
-    tell(f"  with {partner}: {frozen.best['head']} on {fused}, CV {result.best['cv_accuracy']:.4f}"
-         f" -> {'kept' if won else 'not kept'}")
+    tell(f"  {label}: {head} on {layer}, CV {result.best['cv_accuracy']:.4f} -> {'kept' if won else 'not kept'}")
     return (result, candidates[-1]) if won else (frozen, kept)
 
 
