@@ -28,6 +28,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	mkdir -p benchmarks/results
 	$(PY) benchmarks/extract.py --json benchmarks/results/extract.json
+	$(PY) benchmarks/extract.py --photos large --json benchmarks/results/extract_large.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

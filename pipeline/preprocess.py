@@ -32,8 +32,12 @@ def load_pixels(data: bytes, name: str, prep: Preprocessing, max_pixels: int = D
     """Encoded image bytes -> uint8 tensor (3, crop, crop): the one decode path of every
     stage (extraction, prediction, fine-tuning). Raises ImageDecodeError naming ``name``,
     also for an aspect ratio beyond MAX_ASPECT_RATIO, from the header, before decoding:
-    resizing its short side would need that many crops' worth of memory or more."""
-    return resize_and_crop(decode_image(data, name, max_pixels=max_pixels, max_aspect_ratio=MAX_ASPECT_RATIO), prep)
+    resizing its short side would need that many crops' worth of memory or more.
+    A JPEG is decoded at the smallest DCT scale that still leaves ``prep.resize_size``
+    pixels on its short side (see :func:`tlp.images.decode_image`)."""
+    image = decode_image(data, name, max_pixels=max_pixels, max_aspect_ratio=MAX_ASPECT_RATIO,
+                         reduce_to=prep.resize_size)
+    return resize_and_crop(image, prep)
 
 
 def resize_and_crop(image: Image.Image | np.ndarray, prep: Preprocessing) -> torch.Tensor:

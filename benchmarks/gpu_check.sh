@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# The GPU check: everything tlp does only on CUDA, in one run of at most 8 minutes on a
+# single GPU with 16 CPU cores, so that a GPU lent for a few minutes is enough.
+#
+#   benchmarks/gpu_check.sh OUT [--dry-run] [--python PY] [--venv DIR]
+#
+# Steps (each timed; the log and one JSON go into OUT):
+#   1. venv: DIR (default .venv-gpu in the checkout) with the CUDA build of the pinned
+#      torch/torchvision from the package registry (PyPI's Linux wheels are CUDA builds)
+#      and tlp[test,models]; kept and reused when it already imports a CUDA torch.
+#   2. facts: nvidia-smi, torch's CUDA version, device name and capability, GPU count.
+#   3. tests: `pytest -m gpu` (autocast fp32/bf16/fp16 features against the CPU's, pinned
+#      memory with DataLoader workers, fp16 fine-tuning with a gradient scaler and its
+#      resume). DDP on nccl belongs to the multi-process work (not in tlp yet): with 2+
+#      GPUs the check says so instead of pretending to test it.
+#   4. benchmark: benchmarks/extract.py --device cuda --batch-size 256 on 1,024 small
+#      photos (the limit for fp32/bf16/fp16, the naive script, tlp cold and warm).
+# Output: OUT/gpu_check.json (every step's seconds, status and figures), OUT/gpu_check.log
+# (everything printed) and OUT/extract_cuda.json (the benchmark's own report).
+#
+# --dry-run prints what each step would run and runs the CPU part here: the gpu tests
+# (collected, skipped without CUDA) and the benchmark at a tiny size on the CPU, through
+# the same code paths, so the JSON is checked before a GPU is ever lent. It uses the
+# checkout's .venv (made by `make setup`) unless --python names an interpreter.
+set -uo pipefail
+
+usage() { echo "usage: $0 OUT [--dry-run] [--python PY] [--venv DIR]" >&2; exit 2; }
+[ $# -ge 1 ] || usage
+OUT=$1; shift
+DRY_RUN=0; PY=""; VENV=""
+while [ $# -gt 0 ]; do
+    case $1 in
+        --dry-run) DRY_RUN=1 ;;
+        --python) [ $# -ge 2 ] || usage; PY=$2; shift ;;
+        --venv) [ $# -ge 2 ] || usage; VENV=$2; shift ;;
+        *) usage ;;
+    esac
+    shift
+done
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$OUT" || { echo "gpu_check: cannot create $OUT" >&2; exit 1; }
+OUT=$(cd "$OUT" && pwd)
+LOG=$OUT/gpu_check.log
+: > "$LOG"
+cd "$ROOT" || exit 1
+TORCH_PINS="torch==2.14.1 torchvision==0.29.1"  # the Makefile's pins
+STARTED=$(date +%s)
+STEPS=()  # JSON fragments, one per step
+
+say() { echo "$*" | tee -a "$LOG"; }
+step_json() {  # name status seconds [extra JSON members]
+    STEPS+=("\"$1\": {\"status\": \"$2\", \"seconds\": $3${4:+, $4}}")
+}
+run_step() {  # name timeout command...: run, log, time; sets STEP_STATUS and STEP_SECONDS
+    local name=$1 limit=$2; shift 2
+    say "== $name: $*"
+    local t0=$(date +%s)
+    timeout "$limit" "$@" >> "$LOG" 2>&1
+    local rc=$?
+    STEP_SECONDS=$(( $(date +%s) - t0 ))
+    if [ $rc -eq 0 ]; then STEP_STATUS=ok; elif [ $rc -eq 124 ]; then STEP_STATUS=timeout; else STEP_STATUS="failed (exit $rc)"; fi
+    say "== $name: $STEP_STATUS in ${STEP_SECONDS}s"
+}
+
+# ----------------------------------------------------------------------------- 1. venv
+if [ $DRY_RUN -eq 1 ]; then
+    PY=${PY:-$ROOT/.venv/bin/python}
+    say "dry run: would build ${VENV:-$ROOT/.venv-gpu}: python3 -m venv; pip install $TORCH_PINS; pip install -e .[test,models]"
+    if [ ! -x "$PY" ]; then
+        run_step venv 900 make setup
+        step_json venv "$STEP_STATUS" "$STEP_SECONDS" "\"python\": \"$PY\", \"dry_run\": true"
+    else
+        step_json venv "skipped (dry run)" 0 "\"python\": \"$PY\", \"dry_run\": true"
+    fi
+elif [ -n "$PY" ]; then
+    step_json venv "skipped (--python)" 0 "\"python\": \"$PY\""
+else
+    VENV=${VENV:-$ROOT/.venv-gpu}
+    PY=$VENV/bin/python
+    if [ -x "$PY" ] && "$PY" -c "import torch, tlp; assert torch.version.cuda" >/dev/null 2>&1; then
+        step_json venv "reused" 0 "\"python\": \"$PY\""
+        say "== venv: reusing $VENV"
+    else
+        run_step venv 420 bash -c "python3 -m venv '$VENV' && '$PY' -m pip install --quiet --upgrade pip \
+            && '$PY' -m pip install --quiet $TORCH_PINS && '$PY' -m pip install --quiet -e '.[test,models]'"
+        step_json venv "$STEP_STATUS" "$STEP_SECONDS" "\"python\": \"$PY\""
+        say "building the venv took ${STEP_SECONDS}s"
+    fi
+fi
+
+# ----------------------------------------------------------------------------- 2. facts
+FACTS=$("$PY" - <<'EOF' 2>>"$LOG"
+import json, torch
+cuda = torch.cuda.is_available()
+print(json.dumps({
+    "torch": torch.__version__, "torch_cuda": torch.version.cuda, "cuda_available": cuda,
+    "gpu_count": torch.cuda.device_count() if cuda else 0,
+    "gpu": torch.cuda.get_device_name(0) if cuda else None,
+    "capability": list(torch.cuda.get_device_capability(0)) if cuda else None,
+}))
+EOF
+)
+FACTS=${FACTS:-'{"error": "python or torch failed to start; see the log"}'}
+say "facts: $FACTS"
+command -v nvidia-smi >/dev/null && nvidia-smi >> "$LOG" 2>&1
+CUDA=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ $DRY_RUN -eq 0 ] && [ "$CUDA" != 1 ]; then
+    say "gpu_check: $PY's torch sees no CUDA device; run with --dry-run on a machine without one"
+fi
+
+# ----------------------------------------------------------------------------- 3. tests
+run_step tests 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
+SUMMARY=$(grep -E "^[0-9]+ (passed|failed|skipped|error)|^=+ .*(passed|failed|skipped)" "$LOG" | tail -1 | tr -d '=' | xargs)
+step_json tests "$STEP_STATUS" "$STEP_SECONDS" "\"summary\": \"$SUMMARY\""
+if [ "$GPUS" -ge 2 ]; then
+    say "ddp: $GPUS GPUs, but tlp has no DDP path yet (multi-process work is its own issue): not tested"
+fi
+step_json ddp "not tested (tlp has no DDP path yet)" 0 "\"gpus\": $GPUS"
+
+# ----------------------------------------------------------------------------- 4. benchmark
+if [ $DRY_RUN -eq 1 ]; then
+    say "dry run: would run benchmarks/extract.py --device cuda --batch-size 256 --n-images 1024 --repeats 2"
+    BENCH=(--device cpu --batch-size 8 --n-images 16 --repeats 1 --bare-repeats 1 --warm-repeats 1)
+else
+    BENCH=(--device cuda --batch-size 256 --n-images 1024 --repeats 2 --bare-repeats 3 --warm-repeats 2)
+fi
+run_step benchmark 300 "$PY" benchmarks/extract.py "${BENCH[@]}" --json "$OUT/extract_cuda.json"
+FIGURES=$("$PY" - "$OUT/extract_cuda.json" <<'EOF' 2>>"$LOG"
+import json, sys
+try:
+    report = json.load(open(sys.argv[1]))
+except (OSError, ValueError):
+    print("{}"); raise SystemExit
+keys = ("bare_forward_images_per_s", "bare_forward_best_variant", "tlp_cold_images_per_s", "naive_images_per_s",
+        "tlp_warm_seconds", "ratio_cold_vs_limit", "ratio_cold_vs_naive", "tlp_cold_precision", "targets_met")
+print(json.dumps({k: report.get(k) for k in keys}))
+EOF
+)
+FIGURES=${FIGURES:-"{}"}
+step_json benchmark "$STEP_STATUS" "$STEP_SECONDS" "\"figures\": $FIGURES"
+
+# ----------------------------------------------------------------------------- report
+TOTAL=$(( $(date +%s) - STARTED ))
+{
+    echo "{"
+    echo "  \"dry_run\": $([ $DRY_RUN -eq 1 ] && echo true || echo false),"
+    echo "  \"total_seconds\": $TOTAL,"
+    echo "  \"facts\": $FACTS,"
+    echo "  \"steps\": {"
+    for i in "${!STEPS[@]}"; do
+        sep=","; [ "$i" -eq $(( ${#STEPS[@]} - 1 )) ] && sep=""
+        echo "    ${STEPS[$i]}$sep"
+    done
+    echo "  }"
+    echo "}"
+} > "$OUT/gpu_check.json"
+"$PY" -m json.tool "$OUT/gpu_check.json" > /dev/null || { echo "gpu_check: wrote invalid JSON to $OUT/gpu_check.json" >&2; exit 1; }
+say "wrote $OUT/gpu_check.json and $LOG in ${TOTAL}s"
+grep -q '"status": "failed\|"status": "timeout' "$OUT/gpu_check.json" && exit 1
+exit 0
