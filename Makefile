@@ -29,6 +29,8 @@ bench: $(STAMP)
 	mkdir -p benchmarks/results
 	$(PY) benchmarks/extract.py --json benchmarks/results/extract.json
 	$(PY) benchmarks/extract.py --photos large --json benchmarks/results/extract_large.json
+	$(PY) benchmarks/sweep.py --rows 2000 --json benchmarks/results/sweep_rows.json
+	$(PY) benchmarks/finetune.py --json benchmarks/results/finetune.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
