@@ -104,8 +104,9 @@ EOF
 FACTS=${FACTS:-'{"error": "python or torch failed to start; see the log"}'}
 say "facts: $FACTS"
 command -v nvidia-smi >/dev/null && nvidia-smi >> "$LOG" 2>&1
-CUDA=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
-GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+# From the facts above, not a second torch start each.
+CUDA=$(echo "$FACTS" | "$PY" -c "import json, sys; print(int(bool(json.load(sys.stdin).get('cuda_available'))))" 2>/dev/null || echo 0)
+GPUS=$(echo "$FACTS" | "$PY" -c "import json, sys; print(int(json.load(sys.stdin).get('gpu_count') or 0))" 2>/dev/null || echo 0)
 if [ $DRY_RUN -eq 0 ] && [ "$CUDA" != 1 ]; then
     say "gpu_check: $PY's torch sees no CUDA device; run with --dry-run on a machine without one"
 fi

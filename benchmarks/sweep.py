@@ -144,15 +144,9 @@ def warm_up_workers(n_jobs: int) -> int:
 
 
 # ----------------------------------------------------------------------------- tlp
-def run_tlp(cache_dir: Path, layers, heads, n_jobs: int, racing: bool = True) -> dict:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        start = time.perf_counter()
-        result = tlp.sweep(DATA, test=TEST_FRACTION, image_size=IMAGE_SIZE, layers=layers,
-                                cache_dir=str(cache_dir), heads=heads, n_jobs=n_jobs, racing=racing, progress=False)
-        seconds = time.perf_counter() - start
-    if result.extract is not None and result.extract.n_extracted:
-        raise RuntimeError(f"tlp sweep extracted {result.extract.n_extracted} images; expected a cache hit")
+def summarise_tlp(result, seconds: float) -> dict:
+    """One timed ``tlp.sweep`` call as the report holds it: wall seconds, the winner and,
+    per (layer, head), its CV accuracy, folds, test accuracy and CPU seconds."""
     cells = {
         f"{row['layer']}/{row['head']}": {
             "cv_accuracy": row["cv_accuracy"],
@@ -175,6 +169,18 @@ def run_tlp(cache_dir: Path, layers, heads, n_jobs: int, racing: bool = True) ->
         "cells": cells,
         "table": result.table(),
     }
+
+
+def run_tlp(cache_dir: Path, layers, heads, n_jobs: int, racing: bool = True) -> dict:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        start = time.perf_counter()
+        result = tlp.sweep(DATA, test=TEST_FRACTION, image_size=IMAGE_SIZE, layers=layers,
+                                cache_dir=str(cache_dir), heads=heads, n_jobs=n_jobs, racing=racing, progress=False)
+        seconds = time.perf_counter() - start
+    if result.extract is not None and result.extract.n_extracted:
+        raise RuntimeError(f"tlp sweep extracted {result.extract.n_extracted} images; expected a cache hit")
+    return summarise_tlp(result, seconds)
 
 
 def synthetic_features(n_rows: int, seed: int = SEED) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -201,11 +207,7 @@ def run_tlp_arrays(X: dict, y: np.ndarray, heads, n_jobs: int, racing: bool = Tr
         start = time.perf_counter()
         result = tlp.sweep((X, y), heads=heads, n_jobs=n_jobs, racing=racing, progress=False)
         seconds = time.perf_counter() - start
-    cells = {f"{row['layer']}/{row['head']}": {
-        "cv_accuracy": row["cv_accuracy"], "params": row["params"], "n_folds": row["n_folds"],
-        "serial_seconds": round(row["cv_seconds"] + (row["fit_seconds"] or 0.0), 4)} for row in result.results}
-    return {"seconds": seconds, "best_cv_accuracy": result.best["cv_accuracy"],
-            "best": f"{result.best['layer']}/{result.best['head']}", "cells": cells, "table": result.table()}
+    return summarise_tlp(result, seconds)
 
 
 def run_rows(args) -> dict:

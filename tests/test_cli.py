@@ -107,10 +107,12 @@ def test_run_takes_every_option_of_the_stages_it_calls(image_folder, cache_dir, 
     assert code == 0
     result = json.loads(report.read_text())
     assert result["stage"] == "sweep" and result["cv_folds"] == 3 and result["n_train"] == 23  # one left out
-    # The rows are the asked layers and heads: lite0's own, or (when the planner's second
-    # network won on CV: its one-head sweep) each of them fused with that network's layer.
-    rows = {(row["layer"].split("+")[0], row["head"]) for row in result["results"]}
-    assert rows and rows <= {(layer, head) for layer in ("mid", "late") for head in ("softmax", "svm")}
+    # The rows are the asked layers and heads: all four of lite0's own, or, when the planner's
+    # second network won on CV, its one-head sweep of the winner fused with that network's layer.
+    rows = {(row["layer"], row["head"]) for row in result["results"]}
+    own = {(layer, head) for layer in ("mid", "late") for head in ("softmax", "svm")}
+    fused = {(f"{layer}+efficientnet_lite2:{layer}", head) for layer, head in own}
+    assert rows == own or (len(rows) == 1 and rows <= fused)
     assert result["evidence"]["size"]["n_images"] == 24  # the unreadable file was left out by the scan
     assert {s["path"] for s in result["extract"]["skipped"]} == {"dog/broken.jpg", "cat/img_0001.jpg"}
 
