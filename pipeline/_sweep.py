@@ -37,7 +37,7 @@ from .candidates import Candidate, Part, distinct
 from .featurefile import FeatureFile
 from .files import write_text
 from .heads import head_grid
-from .racing import RACE_FOLDS, RACE_MIN_GAP, RACE_Z, Cell, Problem, cv_folds, run_cells
+from .racing import RACE_FOLDS, RACE_MIN_GAP, RACE_P, RACE_Z, Cell, Problem, cv_folds, run_cells
 from .settings import DEFAULT_HEADS, ExtractSettings, SweepSettings, route_options
 from .sweepinputs import Features, Inputs, sweep_inputs
 
@@ -120,7 +120,8 @@ class SweepResult:
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "classes": self.classes,
             "cv_folds": self.n_folds,
-            "racing": {"enabled": self.racing, "first_folds": RACE_FOLDS, "z": RACE_Z, "min_gap": RACE_MIN_GAP},
+            "racing": {"enabled": self.racing, "first_folds": RACE_FOLDS, "z": round(RACE_Z, 4), "p": RACE_P,
+                       "min_gap": RACE_MIN_GAP},
             "extract": self.extract.to_report() if self.extract else None,
             **({"other_extracts": [r.to_report() for r in self.other_extracts]} if self.other_extracts else {}),
         }

@@ -19,6 +19,7 @@ import multiprocessing
 import sys
 import time
 from dataclasses import dataclass, field
+from statistics import NormalDist
 
 import numpy as np
 from joblib import delayed
@@ -27,7 +28,8 @@ from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
 from .errors import TlpInputError
 from .heads import HEADS, GridScores, grid_scores, make_head
 
-__all__ = ["RACE_FOLDS", "CENTRE_FOLDS", "RACE_Z", "RACE_MIN_GAP", "Cell", "Problem", "cv_folds", "run_cells"]
+__all__ = ["RACE_FOLDS", "CENTRE_FOLDS", "RACE_P", "RACE_Z", "RACE_MIN_GAP", "race_threshold", "paired_z",
+           "clearly_behind", "Cell", "Problem", "cv_folds", "run_cells"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,25 +59,62 @@ def cv_folds(labels: np.ndarray, cv: int, val: float | None, seed: int) -> list[
 # scikit-learn's HalvingGridSearchCV, spent on folds instead of samples): every (layer,
 # head) runs its folds one round at a time, from the first fold on; after each round, a row
 # that is clearly behind the leader on the validation samples both have seen stops, so a
-# clear loser costs one fold, not five. "Clearly": a paired
-# test on the same samples (McNemar's, continuity-corrected: z = (b - c - 1) / sqrt(b + c),
-# b = samples only the leader got right, c = only the row), each row at its own best grid
-# point, with z >= RACE_Z and the mean accuracy RACE_MIN_GAP or more below the leader's.
-# z = 3.5 is one-sided p = 2e-4 per comparison, small against the ~30 comparisons of a
-# sweep and the leader's head start from being the best of ~12 rows; the gap keeps large
-# data sets, where small differences are significant, from stopping rows within noise of
-# the folds. RACE_FOLDS folds are the fewest a row runs before it can stop: one fold of a
-# few hundred validation samples already needs ~15 more samples against the row than for
-# it to reach z 3.5. On digits (898 training images, 5 folds, 180 validation samples per
-# fold) late svm, mlp and knn stop after 1 fold, late softmax after 2, early mlp and knn
-# after 3; the others run every fold.
+# clear loser costs one or two folds, not five.
+#
+# "Clearly behind" asks whether the row could still end the sweep with the higher CV
+# accuracy, which is what selection compares. On the n validation samples seen so far,
+# paired (McNemar, continuity-corrected): z = (b - c - 1) / sqrt(b + c), b = samples
+# only the leader got right, c = only the row, each at its own best grid point. The
+# m samples of the folds still to run decide the rest: predicting their paired
+# difference from the n seen (flat prior, normal approximation), the row ends ahead with
+# probability Phi(-z sqrt((n + m) / m)). It stops when that is below RACE_P, that is when
+# z >= RACE_Z * sqrt(m / (n + m)), RACE_Z = Phi^-1(1 - RACE_P) (3.09), and its accuracy
+# is at least RACE_MIN_GAP below the leader's. After the first of 5 folds that is
+# z >= 2.76, after 2: 2.39, 3: 1.95, 4: 1.38. The earlier rule, z >= 3.5 after any fold,
+# ignored that the folds left to run shrink with every round, and could not stop a row
+# 3 points behind before its last fold on 2,000 rows (400 validation samples a fold).
+# RACE_P = 0.001 is small against the ~30 comparisons of a sweep and the leader's head
+# start from being the best of ~12 rows; RACE_MIN_GAP keeps rows within a point of the
+# leader, where folds differ by more than the sample noise that z sees, running.
+#
+# The same rule runs inside a row, on its grid points against its own best point: a point
+# clearly behind is not fitted on later folds (it can no longer be selected), which spares
+# a linear SVM's near-hard-margin C values their slow fits (the warm-started softmax path
+# fits every point: each starts from the previous one).
+#
+# RACE_FOLDS folds are the fewest a row runs before it can stop. Measured with
+# benchmarks/sweep.py and on the training parts of the three real sets in ../shared/data
+# (5 folds, racing against --no-racing): see benchmarks/README.md.
 RACE_FOLDS = 1
 # Folds of a warm-started path's coarse pass that place its fine centre (their mean), and
 # the rounds that run one fold each (so the second fold also tells later folds which grid
 # points both skipped, see _fold_jobs).
 CENTRE_FOLDS = 2
-RACE_Z = 3.5
-RACE_MIN_GAP = 0.02
+RACE_P = 0.001
+RACE_Z = NormalDist().inv_cdf(1.0 - RACE_P)
+RACE_MIN_GAP = 0.01
+
+
+def race_threshold(seen: int, total: int) -> float:
+    """The z a row (or grid point) must reach after ``seen`` of ``total`` validation
+    samples to stop: RACE_Z * sqrt(remaining / total); infinite when nothing remains."""
+    remaining = total - seen
+    return RACE_Z * float(np.sqrt(remaining / total)) if remaining > 0 else float("inf")
+
+
+def paired_z(leading: np.ndarray, other: np.ndarray) -> float:
+    """McNemar's continuity-corrected z of ``other`` behind ``leading`` (bool correctness
+    on the same samples); 0 when they never disagree."""
+    only_leading, only_other = int(np.sum(leading & ~other)), int(np.sum(~leading & other))
+    disagree = only_leading + only_other
+    return (only_leading - only_other - 1) / np.sqrt(disagree) if disagree else 0.0
+
+
+def clearly_behind(leading: np.ndarray, other: np.ndarray, total: int) -> tuple[bool, float]:
+    """(whether ``other`` is clearly behind ``leading`` with ``total`` samples in all, z)."""
+    z = paired_z(leading, other)
+    gap = float(leading.mean() - other.mean()) if len(leading) else 0.0
+    return z >= race_threshold(len(leading), total) and gap >= RACE_MIN_GAP, z
 
 
 @dataclass
@@ -110,27 +149,35 @@ class Cell:
         best = self.best(n)
         return np.concatenate([self.folds[f].correct[best] for f in sorted(self.folds)[:n]])
 
+    def points_behind(self, total: int) -> set[int]:
+        """Grid points clearly behind this cell's best point on every fold it ran (see
+        clearly_behind), ``total`` validation samples in all: later folds skip them."""
+        means = self.means()
+        best = int(np.argmax(means))
+        correct = np.concatenate([self.folds[f].correct for f in sorted(self.folds)], axis=1)
+        return {int(p) for p in np.flatnonzero(np.isfinite(means))
+                if p != best and clearly_behind(correct[best], correct[p], total)[0]}
+
     def task_seconds(self) -> float:
         return self.seconds / max(1, self.n_tasks)
 
 
-def _race(active: list[Cell], n_folds: int) -> tuple[Cell, list[Cell]]:
-    """The leader and the cells clearly behind it, on the folds every active cell ran.
+def _race(active: list[Cell], n_folds: int, total: int) -> tuple[Cell, list[Cell]]:
+    """The leader and the cells clearly behind it, on the folds every active cell ran
+    (``total``: validation samples over all folds).
 
     Only cells with folds left to run are tested (and get ``z``); a cell that ran every
     fold has nothing left to save.
     """
     n = min(len(cell.folds) for cell in active)
     leader = max(active, key=lambda cell: cell.means(n).max())
-    leading, leader_accuracy = leader.correct(n), leader.means(n).max()
+    leading = leader.correct(n)
     behind = []
     for cell in active:
         if cell is leader or len(cell.folds) == n_folds:
             continue
-        correct = cell.correct(n)
-        only_leader, only_cell = int(np.sum(leading & ~correct)), int(np.sum(~leading & correct))
-        cell.z = (only_leader - only_cell - 1) / np.sqrt(only_leader + only_cell) if only_leader + only_cell else 0.0
-        if cell.z >= RACE_Z and leader_accuracy - cell.means(n).max() >= RACE_MIN_GAP:
+        stops, cell.z = clearly_behind(leading, cell.correct(n), total)
+        if stops:
             behind.append(cell)
     return leader, behind
 
@@ -146,13 +193,14 @@ def _next_folds(cell: Cell, n_folds: int, racing: bool) -> list[int]:
 
     One fold at a time up to CENTRE_FOLDS, and after that while the race could still
     stop the cell: its z, growing as the square root of the samples seen at a constant
-    gap, would reach RACE_Z by the last check (before the last fold). Otherwise every
-    remaining fold at once: fewer rounds, and so fewer waits for a round's last task
-    (~0.5 s each on digits with 2 workers).
+    gap, would reach the threshold of the last check (before the last fold; folds taken
+    as equal in size). Otherwise every remaining fold at once: fewer rounds, and so fewer
+    waits for a round's last task (~0.5 s each on digits with 2 workers).
     """
     done = len(cell.folds)
     remaining = list(range(done, n_folds))
-    could_stop = racing and remaining and cell.z * np.sqrt((n_folds - 1) / done) >= RACE_Z
+    could_stop = (racing and remaining
+                  and cell.z * np.sqrt((n_folds - 1) / done) >= race_threshold(n_folds - 1, n_folds))
     return remaining[:1] if could_stop or done < CENTRE_FOLDS else remaining
 
 
@@ -292,13 +340,14 @@ def run_cells(parallel, cells: list[Cell], problem: Problem, *, racing: bool, pr
     Returns the winner and ``{key: (estimator or None, test accuracy, seconds)}``.
     """
     n_folds = len(problem.folds)
+    total = sum(len(val) for _, val in problem.folds)
     plan = {cell.key: _first_folds(n_folds, racing) for cell in cells}
     refits: dict[tuple[str, str], tuple] = {}
     bar = _Progress(cells, n_folds, progress)
     try:
         for _round in itertools.count():
             jobs = [job for cell in cells if not cell.stopped
-                    for job in _fold_jobs(cell, plan.get(cell.key, []), problem)]
+                    for job in _fold_jobs(cell, plan.get(cell.key, []), problem, racing)]
             jobs += [job for cell in cells if not cell.stopped and cell.center is not None
                      for job in _fine_jobs(cell, problem)]
             if not jobs:
@@ -309,7 +358,7 @@ def run_cells(parallel, cells: list[Cell], problem: Problem, *, racing: bool, pr
                     cell.center = cell.best()
             active = [cell for cell in cells if not cell.stopped]
             if racing and any(len(cell.folds) < n_folds for cell in active):
-                leader, stopped = _race(active, n_folds)
+                leader, stopped = _race(active, n_folds, total)
                 for cell in stopped:
                     cell.stopped = True
                     logger.debug("racing: %s/%s stops after %d of %d folds: %.3f against %.3f of %s/%s (z %.1f)",
@@ -347,7 +396,7 @@ def _winner(cells: list[Cell], n_folds: int) -> Cell:
     return max((cell for cell in cells if len(cell.folds) == n_folds), key=lambda cell: cell.means().max())
 
 
-def _fold_jobs(cell: Cell, fold_indices, problem: Problem):
+def _fold_jobs(cell: Cell, fold_indices, problem: Problem, racing: bool):
     """(expected seconds, task) for these folds of one cell."""
     X = problem.train_X[cell.layer]
     cost = cell.task_seconds() if cell.n_tasks else (X.shape[1] + 300) * _FIRST_ROUND_WEIGHT.get(cell.head, 1.0)
@@ -359,7 +408,11 @@ def _fold_jobs(cell: Cell, fold_indices, problem: Problem):
     # Points an earlier fold did not fit (past a path's peak there) can no longer be
     # selected: later folds skip them. On digits' mid layer the linear SVM's two largest
     # C were otherwise fitted on 3 and 2 of 5 folds for nothing (~40% of that row's time).
-    only = None if warm_start or not cell.folds else np.flatnonzero(np.isfinite(cell.means())).tolist()
+    # Racing also skips the points clearly behind the cell's best (see Cell.points_behind).
+    only = None
+    if not warm_start and cell.folds:
+        behind = cell.points_behind(sum(len(val) for _, val in problem.folds)) if racing else set()
+        only = [int(p) for p in np.flatnonzero(np.isfinite(cell.means())) if p not in behind]
     for f in fold_indices:
         train, val = problem.folds[f]
         task = _FoldTask(layer=cell.layer, head=cell.head, fold=f, X=X, y=problem.y_train, train=train, val=val,
