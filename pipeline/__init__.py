@@ -32,7 +32,7 @@ import importlib
 import logging
 import sys
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 # Public name -> the module that defines it.
 _EXPORTS = {

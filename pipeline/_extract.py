@@ -33,6 +33,7 @@ from .device import default_workers, kernel_family, resolve_device, resolve_prec
 from .errors import CacheCorruptError, ImageDecodeError, TlpInputError
 from .featurefile import SCHEMA_VERSION, FeatureFile, LayerMeta, write_feature_file
 from .files import fingerprint, library_versions, now_iso
+from .folding import FOLD_ID
 from .forward import Forward, ItemBytes, PreparedImages, batches
 from .images import DECODER_ID
 from .layers import Tap, resolve_taps, stride_of
@@ -106,6 +107,8 @@ def _extractor_identity(settings: ExtractSettings, spec: ModelSpec, precision: s
     taps = entries.pop("layers")
     if entries.get("tta") == "none":
         del entries["tta"]  # plain features keep the keys they had before --tta existed
+    if entries.pop("fold_bn", False):
+        entries["fold_bn"] = FOLD_ID  # unfolded features keep the keys they had before folding existed
     identity = {"schema_version": SCHEMA_VERSION, "decoder": DECODER_ID, "resize_method": RESIZE_METHOD,
                 "memory_format": "channels_last", "versions": _versions(spec), "kernels": kernel_family(device),
                 **entries}
@@ -367,7 +370,7 @@ def _run_forward(plan: _Plan, dataset: Dataset, todo: list[Item], settings: Extr
     from tqdm.auto import tqdm
 
     forward = Forward.for_taps(plan.spec, plan.taps, plan.pools, device=plan.device, precision=plan.precision,
-                               tta=settings.tta)
+                               tta=settings.tta, fold_bn=settings.fold_bn)
     prepare = PreparedImages(ItemBytes(dataset, todo), plan.spec.preprocessing, settings.max_pixels)
     writer = ShardWriter(shard_dir, plan.layer_fps.values(), settings.commit_every, settings.batch_size)
     bar = tqdm(total=len(todo), unit="img", desc=f"extract {plan.spec.name}", disable=not settings.progress,
@@ -426,7 +429,7 @@ def _assemble(final: Path, plan: _Plan, dataset: Dataset, settings: ExtractSetti
         "schema_version": SCHEMA_VERSION, "key": plan.key, "model": spec.name, "arch": spec.arch,
         "weights_id": spec.weights_id, "weights_sha256": spec.weights_sha256,
         "preprocessing": spec.preprocessing.to_dict(), "precision": plan.precision, "storage_dtype": settings.dtype,
-        "tta": settings.tta,
+        "tta": settings.tta, "fold_bn": settings.fold_bn,
         "versions": plan.key_spec["extractor"]["versions"], "data_name": dataset.name, "data_kind": dataset.kind,
         "data_root": str(dataset.root) if dataset.root is not None else "", "created": now_iso(),
         "fingerprint_spec": {k: v for k, v in plan.key_spec.items() if k != "skipped_before_extraction"},

@@ -171,7 +171,8 @@ def predict(model_dir: str | os.PathLike, images, *, top_k: int = 1, batch_size:
 
 def _network_of(part: dict) -> tuple:
     """What decides one forward pass: parts sharing it come from the same pass."""
-    return (part["model"], part.get("weights"), part.get("image_size"), part["precision"], part.get("tta", "none"))
+    return (part["model"], part.get("weights"), part.get("image_size"), part["precision"], part.get("tta", "none"),
+            part.get("fold_bn", False))
 
 
 def _head_features(saved, paths: list[str], batch_size: int, device, on_error: str):
@@ -196,7 +197,7 @@ def _head_features(saved, paths: list[str], batch_size: int, device, on_error: s
         taps = [Tap(name=f"part{i}", node=parts[i]["node"]) for i in indices]
         pools = {f"part{i}": parts[i]["pooling"] if parts[i]["pooling"] != "none" else "avg" for i in indices}
         forward = Forward.for_taps(model_spec, taps, pools, device=device, precision=first["precision"],
-                                   tta=first.get("tta", "none"))
+                                   tta=first.get("tta", "none"), fold_bn=first.get("fold_bn", False))
         kept, features, failed = _run(forward, paths, model_spec.preprocessing, batch_size, on_error)
         skipped += [entry for entry in failed if entry not in skipped]
         for i in indices:

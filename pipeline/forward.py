@@ -26,6 +26,7 @@ from torch import nn
 
 from .device import autocast, tune_cpu_allocator
 from .errors import ImageDecodeError
+from .folding import fold_batchnorm
 from .images import DEFAULT_MAX_PIXELS
 from .layers import Tap, build_tap_extractor
 from .models import ModelSpec, Preprocessing
@@ -147,27 +148,34 @@ class Forward:
     ``tta="flip"`` runs every batch together with its mirror image (one forward pass of
     twice the batch) and returns, per tap, the mean of the two pooled outputs: features
     that no longer depend on which way the object faces.
+
+    ``fold_bn=True`` runs a copy of the network with its BatchNorms folded into the
+    convolutions before them (see :mod:`tlp.folding`; ``n_folded`` says how many).
     """
 
     def __init__(self, network: nn.Module, prep: Preprocessing, *, device: torch.device, precision: str,
                  spec: ModelSpec | None = None, taps: list[Tap] | None = None, pools: dict[str, str] | None = None,
-                 tta: str = "none"):
+                 tta: str = "none", fold_bn: bool = False):
         tune_cpu_allocator()
         if tta not in ("none", "flip"):
             raise ValueError(f"tta must be none or flip, got {tta!r}")
         self.prep, self.device, self.precision, self.tta = prep, device, precision, tta
         self.taps, self.pools = taps, pools or {}
+        self.n_folded = 0
+        if fold_bn:
+            network, self.n_folded = fold_batchnorm(network.eval(), prep.crop_size)
         module = build_tap_extractor(spec, network, taps) if taps else network
         self.module = module.to(device=device, memory_format=torch.channels_last).eval()
         self.tap_shapes: dict[str, tuple[int, ...]] = {}
 
     @classmethod
     def for_taps(cls, spec: ModelSpec, taps: list[Tap], pools: dict[str, str], *, device: torch.device,
-                 precision: str, network: nn.Module | None = None, tta: str = "none") -> "Forward":
+                 precision: str, network: nn.Module | None = None, tta: str = "none",
+                 fold_bn: bool = False) -> "Forward":
         """The spec's network (or ``network``) with these taps, pooled as ``pools`` says."""
         network = network if network is not None else spec.build()
         return cls(network, spec.preprocessing, device=device, precision=precision, spec=spec, taps=taps,
-                   pools=pools, tta=tta)
+                   pools=pools, tta=tta, fold_bn=fold_bn)
 
     def __call__(self, pixels: torch.Tensor):
         with torch.inference_mode():

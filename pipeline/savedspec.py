@@ -120,6 +120,8 @@ def _check_values(spec_path: Path, spec: dict, prefix: str = "") -> None:
         raise TlpInputError(f"{spec_path}: {prefix}image_size must be a positive integer, got {spec['image_size']}; {fix}")
     if spec.get("tta", "none") not in ("none", "flip"):
         raise TlpInputError(f"{spec_path}: {prefix}tta must be none or flip, got {short(spec['tta'])}; {fix}")
+    if not isinstance(spec.get("fold_bn", False), bool):
+        raise TlpInputError(f"{spec_path}: {prefix}fold_bn must be true or false, got {short(spec['fold_bn'])}; {fix}")
     if "storage_dtype" in spec and "parts" not in spec and spec["storage_dtype"] not in ("float16", "float32",
                                                                                        "float64"):
         raise TlpInputError(f"{spec_path}: {prefix}storage_dtype must be float16, float32 or float64, got "

@@ -220,6 +220,10 @@ class ExtractSettings(ModelOptions):
                       help="test-time augmentation of the stored features: none, or flip (per layer, the mean of "
                            "the features of each image and of its mirror image; one more forward pass per image; "
                            "only for data without a handedness)")
+    fold_bn: bool = option(True, key="fold_bn", group="extraction",
+                           help="fold each BatchNorm into the convolution before it for the frozen forward pass "
+                                "(the same function to float rounding, ~20%% faster on a CPU)",
+                           flag_help="run BatchNorms as separate layers (the features of tlp 0.5 and earlier)")
     max_pixels: int = option(89_478_485, key="max_pixels", group="extraction", cli=False,
                              help="images with more pixels are refused (decompression-bomb guard)")
     on_error: str = option("fail", why="which files are left out is part of the data's identity", group="data",
