@@ -37,7 +37,7 @@ from .candidates import Candidate, Part, distinct
 from .featurefile import FeatureFile
 from .files import write_text
 from .heads import head_grid
-from .racing import RACE_FOLDS, RACE_MIN_GAP, RACE_P, RACE_Z, Cell, Problem, cv_folds, run_cells
+from .racing import RACE_FOLDS, RACE_MIN_GAP, RACE_P, RACE_Z, Cell, one_blas_thread, Problem, cv_folds, run_cells
 from .settings import DEFAULT_HEADS, ExtractSettings, SweepSettings, route_options
 from .sweepinputs import Features, Inputs, sweep_inputs
 
@@ -84,7 +84,8 @@ class SweepResult:
         fit = np.asarray([row[p] for p in train_paths if p in row], dtype=np.int64)
         score = np.asarray([row[p] for p in val_paths if p in row], dtype=np.int64)
         X, y = features.layers[self.best["layer"]], features.labels
-        estimator = make_head(self.best["head"], self.best["params"], seed).fit(X[fit], y[fit])
+        with one_blas_thread():
+            estimator = make_head(self.best["head"], self.best["params"], seed).fit(X[fit], y[fit])
         return round(float(estimator.score(X[score], y[score])), 6)
 
     def __repr__(self) -> str:
