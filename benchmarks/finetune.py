@@ -29,7 +29,7 @@ limit
 Training throughput is images per second of the training phase of each epoch (data
 loading included, evaluation excluded); medians over epochs are reported. Accuracy is
 measured on the same held-out images after the same number of epochs. Targets: tlp
->= 1.5x the tutorial's throughput, and its test accuracy no lower (within 2 points).
+>= 2x the tutorial's throughput, and its test accuracy no lower (within 2 points).
 
 Data: the Sign Language Digits photos in ``../shared/data`` when present (a seeded,
 stratified sample), else the built-in ``digits`` written as PNG files.
@@ -63,7 +63,7 @@ from extract import cpu_busy_fraction  # noqa: E402  (benchmarks/extract.py)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sign-language-digits" / "Dataset"
 MODEL = "efficientnet_lite0"
-TARGETS = {"speedup_at_least": 1.5, "accuracy_gap_points_at_most": 2.0}
+TARGETS = {"speedup_at_least": 2.0, "accuracy_gap_points_at_most": 2.0}  # issue 13: >= 2x the tutorial
 
 
 # ----------------------------------------------------------------------------- data

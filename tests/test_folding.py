@@ -139,6 +139,30 @@ def test_folding_a_torchvision_network_keeps_its_outputs_and_leaves_it_unchanged
     assert any(isinstance(m, nn.BatchNorm2d) for m in network.modules())
 
 
+class _FixedSize(nn.Module):
+    """A convolution and BatchNorm that only accept 96-pixel inputs (as some hybrids do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        with torch.no_grad():
+            self.bn.running_var.fill_(9.0)
+
+    def forward(self, x):
+        if x.shape[-1] != 96:
+            raise ValueError("this network takes 96-pixel inputs")
+        return self.bn(self.conv(x))
+
+
+def test_a_network_that_refuses_the_small_probe_is_folded_at_its_own_size():
+    network = _FixedSize().eval()
+    folded, n_folded = fold_batchnorm(network, probe_size=96)
+    probe = torch.randn(2, 3, 96, 96)
+    assert n_folded == 1
+    assert torch.allclose(folded(probe), network(probe), atol=1e-5)
+
+
 def test_folding_needs_eval_mode():
     with pytest.raises(ValueError, match="eval mode"):
         fold_batchnorm(_NormBeforeConv().train())
