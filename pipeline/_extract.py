@@ -387,7 +387,7 @@ def _run_forward(plan: _Plan, dataset: Dataset, todo: list[Item], settings: Extr
                     logger.warning("skipping %s: %s", error.path, error.reason)
                 pooled = {}
                 if batch.pixels is not None:
-                    outputs = forward(batch.pixels)
+                    outputs = forward(batch.pixels, pad_to=settings.batch_size)
                     for tap in plan.taps:
                         fp = plan.layer_fps[tap.name]
                         writer.metas.setdefault(fp, _meta(tap, fp, forward.tap_shapes[tap.name], plan.pools[tap.name],

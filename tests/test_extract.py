@@ -237,3 +237,29 @@ def test_per_layer_pooling_auto_and_pairs(image_folder, cache_dir):
     # Rows of the avg-pooled late layer are shared with a plain avg run.
     plain = extract(image_folder, cache_dir=cache_dir, layers=("late",), **FAST)
     assert plain.n_extracted == 0
+
+
+def test_rows_do_not_depend_on_which_images_share_their_batch(tmp_path):
+    """A resumed, sharded or grown extraction batches images differently from one run over
+    all of them; each row is still the same to the bit (fp32, one thread, where oneDNN's
+    kernels for a batch of 13 and a batch of 32 round differently)."""
+    import torch
+
+    everything, half = tmp_path / "all", tmp_path / "half"
+    for index, name in enumerate(["cat", "dog", "owl"]):
+        (half / name).mkdir(parents=True)
+        for path in write_images(everything / name, 30, start=100 * index, size=(120, 90))[::2]:
+            shutil.copy(path, half / name / path.name)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        options = dict(layers=["early", "late"], image_size=96, precision="fp32", progress=False)
+        # Separate caches: the second run must compute its rows, not reuse the first's.
+        with FeatureFile(extract(everything, cache_dir=tmp_path / "a", **options).path) as a, \
+                FeatureFile(extract(half, cache_dir=tmp_path / "b", **options).path) as b:
+            assert 0 < len(b.paths) < len(a.paths)
+            rows = {path: i for i, path in enumerate(a.paths)}
+            for layer in ("early", "late"):
+                np.testing.assert_array_equal(a.load(layer)[[rows[p] for p in b.paths]], b.load(layer))
+    finally:
+        torch.set_num_threads(threads)
