@@ -9,8 +9,9 @@ Public API
 ----------
 load_dataset(data) -> Dataset ; split(dataset, test, seed) -> (train, test)
     Scan a folder, CSV manifest or built-in data set once; hold out a test part.
-extract(data, **settings) -> ExtractResult
-    Run (or reuse) an extraction; ``result.path`` is the HDF5 cache file.
+extract(data, **settings) -> ExtractResult ; assemble(data, **settings)
+    Run (or reuse) an extraction (``shard="RANK/WORLD"``: one part of it); ``result.path``
+    is the HDF5 cache file. ``assemble`` joins finished parts without a forward pass.
 FeatureFile(path) ; CachedFeatures(cache_file, layer)
     Read a cache file; a scikit-learn transformer serving cached features by image path.
 sweep(data, test=..., heads=...) -> SweepResult
@@ -37,7 +38,7 @@ __version__ = "0.6.0"
 # Public name -> the module that defines it.
 _EXPORTS = {
     "load_dataset": "data", "split": "data", "Dataset": "dataset",
-    "extract": "_extract", "ExtractResult": "_extract",
+    "extract": "_extract", "assemble": "_extract", "ExtractResult": "extractresult",
     "FeatureFile": "featurefile", "CachedFeatures": "features",
     "resolve_model": "models",
     "sweep": "_sweep", "SweepResult": "_sweep",

@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ from .candidates import plain_layers
 from .cache import CacheDir, RowSource, ShardWriter, check_source, gather_rows
 from .data import as_dataset
 from .dataset import Dataset, Item
+from .extractresult import ExtractResult, result_from_file, unfinished_result
 from .device import default_workers, kernel_family, resolve_device, resolve_precision
 from .errors import CacheCorruptError, ImageDecodeError, TlpInputError
 from .featurefile import SCHEMA_VERSION, FeatureFile, LayerMeta, write_feature_file
@@ -36,6 +37,7 @@ from .files import fingerprint, library_versions, now_iso
 from .folding import FOLD_ID
 from .forward import Forward, ItemBytes, PreparedImages, batches
 from .images import DECODER_ID
+from .launch import Shard, launcher_device, resolve_shard
 from .layers import Tap, resolve_taps, stride_of
 from .models import ModelSpec, resolve_model
 from .pooling import pooled_dim, pooling_for_taps
@@ -43,48 +45,9 @@ from .runlock import live_run
 from .preprocess import RESIZE_METHOD
 from .settings import ExtractSettings, key_entries, with_overrides
 
-__all__ = ["ExtractSettings", "ExtractResult", "extract"]
+__all__ = ["ExtractSettings", "ExtractResult", "extract", "assemble"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ExtractResult:
-    """What one extraction did; ``to_report()`` gives the ``--report`` JSON."""
-
-    path: Path  # the finished HDF5 file
-    key: str
-    model: str
-    precision: str
-    n_images: int  # rows in the cache file
-    n_extracted: int  # forward passes (images) this run
-    n_reused: int  # rows taken from earlier work
-    skipped: list[dict]  # files left out: {path, reason}
-    layers: dict[str, dict]  # name -> {node, dim, pooling, pre_pool_shape, dtype, bytes_per_image}
-    seconds: float
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def images_per_second(self) -> float:
-        """Forward passes per second of wall time (0 when nothing was extracted)."""
-        return self.n_extracted / self.seconds if self.n_extracted and self.seconds > 0 else 0.0
-
-    def to_report(self) -> dict:
-        return {
-            "path": str(self.path),
-            "key": self.key,
-            "model": self.model,
-            "precision": self.precision,
-            "n_images": self.n_images,
-            "n_extracted": self.n_extracted,
-            "n_reused": self.n_reused,
-            "n_skipped": len(self.skipped),
-            "skipped": self.skipped,
-            "layers": self.layers,
-            "seconds": round(self.seconds, 4),
-            "images_per_second": round(self.images_per_second, 2),
-            "timings": {k: round(v, 4) for k, v in self.timings.items()},
-        }
 
 
 # ----------------------------------------------------------------------------- identity
@@ -172,9 +135,29 @@ def extract(data, settings: ExtractSettings | None = None, **overrides) -> Extra
     Returns
     -------
     ExtractResult
-        Where the features are and what this run did.
+        Where the features are and what this run did. With ``shard`` (``"RANK/WORLD"``,
+        or ``"auto"``: from torchrun's or Slurm's variables), only the images whose
+        content digest is in that part are extracted; the run that finds every part done
+        assembles the file, the others return with ``complete`` False and ``n_missing``
+        rows to go (see :func:`assemble`).
     """
     settings = with_overrides(settings or ExtractSettings(), overrides, "extract()").validated()
+    shard = resolve_shard(settings.shard)
+    if shard is not None:  # each rank of a launch on its own GPU (LOCAL_RANK)
+        settings = dataclasses.replace(settings, device=launcher_device(settings.device))
+    return _extract_or_assemble(data, settings, shard=shard, forward=True)
+
+
+def assemble(data, settings: ExtractSettings | None = None, **overrides) -> ExtractResult:
+    """The finished cache file of ``data`` from the rows already in the cache (the shards of
+    ``tlp extract --shard`` runs and finished files), without a forward pass. Raises
+    TlpInputError saying how many images have no rows yet (and the first few) and which
+    command extracts them. Takes the options the extraction ran with (they make the key)."""
+    settings = with_overrides(settings or ExtractSettings(), overrides, "assemble()").validated()
+    return _extract_or_assemble(data, settings, shard=None, forward=False)
+
+
+def _extract_or_assemble(data, settings: ExtractSettings, *, shard: Shard | None, forward: bool) -> ExtractResult:
     started = time.perf_counter()
     plan, dataset = _plan(settings, data)
     timings = {"plan_seconds": time.perf_counter() - started}  # model, taps, scan and key
@@ -184,15 +167,16 @@ def extract(data, settings: ExtractSettings | None = None, **overrides) -> Extra
 
     hit = _try_cache_hit(final, plan.key, settings.on_error)
     if hit is not None:
-        return _result_from_file(hit, plan, 0, started, timings)
+        return result_from_file(hit, plan.key, plan.precision, 0, started, timings)
     cache.remove_orphans()
     with live_run(cache.root, plan.run_fp):
-        return _extract_missing(plan, dataset, settings, cache, started, timings)
+        return _extract_missing(plan, dataset, settings, cache, started, timings, shard=shard, forward=forward)
 
 
 def _extract_missing(plan: _Plan, dataset: Dataset, settings: ExtractSettings, cache: CacheDir, started: float,
-                     timings: dict) -> ExtractResult:
-    """Reuse what donors hold, extract the rest, assemble; while the run is marked live.
+                     timings: dict, *, shard: Shard | None = None, forward: bool = True) -> ExtractResult:
+    """Reuse what donors hold, extract the rest (of this ``shard``'s part; nothing unless
+    ``forward``), assemble when no row is missing; while the run is marked live.
 
     Planning repeats until every row has a checked source: another process extracting
     the same data may finish first and delete the shards it absorbed (then its finished
@@ -212,12 +196,15 @@ def _extract_missing(plan: _Plan, dataset: Dataset, settings: ExtractSettings, c
         sources, rows, todo, shard_skips = _checked_plan(dataset.items, cache, plan, excluded)
         timings["reuse_seconds"] = timings.get("reuse_seconds", 0.0) + time.perf_counter() - mark
         _refuse_recorded_failures(dataset, shard_skips, settings.on_error)
-        if todo:
+        own = [item for item in todo if shard is None or shard.owns(item.digest)] if forward else []
+        if own:
             mark = time.perf_counter()
-            new_metas.update(_run_forward(plan, dataset, todo, settings, cache.partial_dir(plan.run_fp)))
+            new_metas.update(_run_forward(plan, dataset, own, settings, cache.partial_dir(plan.run_fp)))
             timings["forward_seconds"] = timings.get("forward_seconds", 0.0) + time.perf_counter() - mark
-            forwarded.update((item.path, item) for item in todo)
-            continue  # the new shards are donors now
+            forwarded.update((item.path, item) for item in own)
+            continue  # the new shards are donors now; planning again sees other ranks' too
+        if todo:  # other parts are not done: their ranks (the last to finish assembles), or assemble later
+            return _unfinished(plan, dataset, todo, shard, len(forwarded), cache, started, timings)
         skipped = [s.to_dict() for s in dataset.skipped] + [
             {"path": item.path, "reason": shard_skips[item.digest]} for item in dataset.items if item.digest in shard_skips
         ]
@@ -267,8 +254,23 @@ def _finished(features: FeatureFile, plan: _Plan, forwarded: dict[str, Item], sk
     """The result: forward passes are the images this run extracted that are in the file
     (decode failures are not), every other row was reused."""
     n_extracted = sum(path not in skipped_paths for path in forwarded)
-    return _result_from_file(features, plan, n_extracted, started, timings,
-                             n_reused=max(0, features.n_rows() - n_extracted))
+    return result_from_file(features, plan.key, plan.precision, n_extracted, started, timings,
+                            n_reused=max(0, features.n_rows() - n_extracted))
+
+
+def _unfinished(plan: _Plan, dataset: Dataset, todo: list[Item], shard: Shard | None, n_extracted: int,
+                cache: CacheDir, started: float, timings: dict) -> ExtractResult:
+    if shard is None:  # assemble: nothing may be guessed
+        examples = ", ".join(item.path for item in todo[:3])
+        raise TlpInputError(
+            f"cannot assemble {dataset.name}: {len(todo)} of {len(dataset.items)} images have no rows in "
+            f"{cache.root} yet (first: {examples}); run the `tlp extract --shard` ranks whose parts are missing "
+            "again, or `tlp extract` with the same options to extract them here")
+    logger.info("part %s done; %d images of other parts have no rows yet: the rank that finishes last assembles "
+                "the file (or run `tlp cache assemble` with the same options once every part is done)", shard,
+                len(todo))
+    return unfinished_result(plan.key, plan.spec.name, plan.precision, str(shard), n_images=len(dataset.items),
+                             n_extracted=n_extracted, n_missing=len(todo), started=started, timings=timings)
 
 
 def _refuse_recorded_failures(dataset: Dataset, recorded: dict[str, str], on_error: str) -> None:
@@ -308,27 +310,6 @@ def _try_cache_hit(final: Path, key: str, on_error: str) -> FeatureFile | None:
         features.close()
         raise ImageDecodeError(first["path"], first["reason"])
     return features
-
-
-def _result_from_file(features: FeatureFile, plan: _Plan, n_extracted, started, timings,
-                      n_reused=None) -> ExtractResult:
-    with features:
-        layers = {}
-        for name in features.layers:
-            meta = features.layer_meta(name)
-            dtype = features.stored_dtype(name)
-            dims = features.dim(name)
-            layers[name] = {
-                "node": meta.node, "dim": int(dims), "pooling": meta.pooling,
-                "pre_pool_shape": list(meta.pre_pool_shape), "stride": meta.stride, "dtype": str(dtype),
-                "bytes_per_image": int(dims * dtype.itemsize),
-            }
-        n_images = features.n_rows()
-        return ExtractResult(
-            path=features.path, key=plan.key, model=plan.spec.name, precision=plan.precision, n_images=n_images,
-            n_extracted=n_extracted, n_reused=n_images - n_extracted if n_reused is None else n_reused,
-            skipped=features.skipped, layers=layers, seconds=time.perf_counter() - started, timings=timings,
-        )
 
 
 # ----------------------------------------------------------------------------- planning

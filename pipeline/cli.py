@@ -177,18 +177,18 @@ _RUN_TTA = {"default": argparse.SUPPRESS,
 VERBS = (
     Verb("extract", "cache pooled multi-depth features of a data set", commands.extract, (ExtractSettings,)),
     Verb("sweep", "sweep softmax/SVM/MLP/kNN heads over cached layers; save the winner", commands.sweep,
-         (ExtractSettings, SweepSettings), test=True, defaults={"pool": {"default": "auto"}},
+         (ExtractSettings, SweepSettings), test=True, defaults={"pool": {"default": "auto"}}, exclude=("shard",),
          out="folder for results.csv, accuracy_by_depth.png, confusion_matrix.png and the saved winner "
              "(head-<sha12>.skops, model.json) that `tlp predict` reads"),
     Verb("finetune", "fine-tune the network with a new classifier layer (large data, cases 3-4)", commands.finetune,
          (FinetuneSettings,), test=True,
          out="folder for model-<sha12>.pt, model.json, history.csv, history.png and checkpoints/ (a rerun resumes)"),
     Verb("advise", "measure size and similarity, print the case (1-4) and its recipe", commands.advise,
-         (ExtractSettings, PlanSettings), exclude=("layers", "pool", "tta", "budget", "finetune_per_class")),
+         (ExtractSettings, PlanSettings), exclude=("layers", "pool", "tta", "budget", "finetune_per_class", "shard")),
     Verb("run", "advise, then measure frozen heads, flip-averaged features, a second network and fine-tuning "
                 "within --budget; keep the best on validation", commands.run,
          (ExtractSettings, SweepSettings, PlanSettings, FinetuneSettings), test=True,
-         defaults={"pool": {"default": "auto"}, "layers": _RUN_LAYERS, "tta": _RUN_TTA},
+         defaults={"pool": {"default": "auto"}, "layers": _RUN_LAYERS, "tta": _RUN_TTA}, exclude=("shard",),
          out="folder for the plots, results and the winner's saved model (fine-tuning's own folder in finetune/)"),
     Verb("demo", "`tlp run digits --test 0.5 --no-hflip` offline with the default model", commands.demo,
          (ModelOptions,), data=False, out="folder for the plots, results and saved model"),
@@ -294,6 +294,10 @@ def _add_cache(verbs) -> None:
         action.add_argument("--cache-dir", metavar="DIR", default=argparse.SUPPRESS, help=cache_help)
         _common(action, top=False)
         action.set_defaults(func=handler)
+    _add_verb(actions, Verb("assemble", "join the rows of a sharded extraction (tlp extract --shard) into the cache "
+                                        "file, without forward passes; give the options the ranks ran with",
+                            commands.cache_assemble, (ExtractSettings,), exclude=("shard",),
+                            defaults={"cache_dir": {"default": argparse.SUPPRESS}}))
 
 
 def build_parser() -> argparse.ArgumentParser:

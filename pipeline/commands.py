@@ -71,10 +71,30 @@ def _extract_summary(result) -> str:
     return "\n".join(lines)
 
 
+def _unfinished_summary(result, data: str) -> str:
+    return "\n".join([
+        f"part {result.shard} done: {result.n_extracted} images extracted, {result.n_reused} rows reused; "
+        f"{result.n_missing} of {result.n_images} images (other parts) have no rows yet",
+        "the rank that finishes last assembles the cache file; once every part is done, "
+        f"`tlp cache assemble {data}` with the same options does it too",
+    ])
+
+
 def extract(args) -> int:
     from ._extract import extract as run_extract
 
-    result = run_extract(args.data, _settings(args, ExtractSettings))
+    settings = _settings(args, ExtractSettings)
+    if settings.shard is None:  # the command line follows a launcher's ranks (torchrun, srun) by default
+        settings = dataclasses.replace(settings, shard="auto")
+    result = run_extract(args.data, settings)
+    summary = _extract_summary(result) if result.complete else _unfinished_summary(result, args.data)
+    return _finish(args, result.to_report(), summary)
+
+
+def cache_assemble(args) -> int:
+    from ._extract import assemble
+
+    result = assemble(args.data, _settings(args, ExtractSettings))
     return _finish(args, result.to_report(), _extract_summary(result))
 
 

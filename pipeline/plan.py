@@ -233,7 +233,7 @@ def measure_similarity(data, options: ModelOptions | None = None, plan: PlanSett
     extraction, plan = _settings(options, plan, overrides, "measure_similarity()")
     dataset = require_classes(as_dataset(data, on_error=extraction.on_error, max_pixels=extraction.max_pixels))
     sample = _sample(dataset, plan.max_images, plan.seed)
-    result = extract(sample, extraction)
+    result = extract(sample, dataclasses.replace(extraction, shard=None))  # every row: a shard's part is not enough
     with FeatureFile(result.path) as features:
         y = features.labels
         X = {name: features.load(name) for name in features.layers}

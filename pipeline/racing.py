@@ -64,28 +64,22 @@ def cv_folds(labels: np.ndarray, cv: int, val: float | None, seed: int) -> list[
 #
 # "Clearly behind" asks whether the row could still end the sweep with the higher CV
 # accuracy, which is what selection compares. On the n validation samples seen so far,
-# paired (McNemar, continuity-corrected): z = (b - c - 1) / sqrt(b + c), b = samples
-# only the leader got right, c = only the row, each at its own best grid point. The
-# m samples of the folds still to run decide the rest: predicting their paired
-# difference from the n seen (flat prior, normal approximation), the row ends ahead with
-# probability Phi(-z sqrt((n + m) / m)). It stops when that is below RACE_P, that is when
-# z >= RACE_Z * sqrt(m / (n + m)), RACE_Z = Phi^-1(1 - RACE_P) (3.09), and its accuracy
-# is at least RACE_MIN_GAP below the leader's. After the first of 5 folds that is
-# z >= 2.76, after 2: 2.39, 3: 1.95, 4: 1.38. The earlier rule, z >= 3.5 after any fold,
-# ignored that the folds left to run shrink with every round, and could not stop a row
-# 3 points behind before its last fold on 2,000 rows (400 validation samples a fold).
-# RACE_P = 0.001 is small against the ~30 comparisons of a sweep and the leader's head
-# start from being the best of ~12 rows; RACE_MIN_GAP keeps rows within a point of the
-# leader, where folds differ by more than the sample noise that z sees, running.
-#
-# The same rule runs inside a row, on its grid points against its own best point: a point
-# clearly behind is not fitted on later folds (it can no longer be selected), which spares
-# a linear SVM's near-hard-margin C values their slow fits (the warm-started softmax path
-# fits every point: each starts from the previous one).
-#
-# RACE_FOLDS folds are the fewest a row runs before it can stop. Measured with
-# benchmarks/sweep.py and on the training parts of the three real sets in ../shared/data
-# (5 folds, racing against --no-racing): see benchmarks/README.md.
+# paired (McNemar, continuity-corrected): z = (b - c - 1) / sqrt(b + c), b = samples only
+# the leader got right, c = only the row, each at its own best grid point. Predicting the
+# paired difference on the m samples still to come from the n seen (flat prior, normal
+# approximation), the row ends ahead with probability Phi(-z sqrt((n + m) / m)). It stops
+# when that is below RACE_P, i.e. z >= RACE_Z * sqrt(m / (n + m)) with RACE_Z =
+# Phi^-1(1 - RACE_P) = 3.09 (after the first of 5 folds 2.76, after 2: 2.39, 3: 1.95,
+# 4: 1.38), and it is RACE_MIN_GAP or more behind. The earlier rule (z >= 3.5 after any
+# fold) ignored that fewer samples remain each round, and ran a row 3 points behind on
+# 2,000 rows to its last fold. RACE_P is small against the ~30 comparisons of a sweep and
+# the leader's head start as the best of ~12 rows; the gap keeps rows within a point of
+# the leader, where folds differ by more than the sample noise z sees, running. The same
+# rule inside a row skips, on later folds, grid points clearly behind the row's best (the
+# warm-started softmax path fits every point: each starts from the one before).
+# RACE_FOLDS folds are the fewest a row runs before it can stop. Measured against
+# --no-racing on the three real sets' training parts and on benchmarks/sweep.py's rows:
+# the same winners and CV accuracy (see benchmarks/README.md).
 RACE_FOLDS = 1
 # Folds of a warm-started path's coarse pass that place its fine centre (their mean), and
 # the rounds that run one fold each (so the second fold also tells later folds which grid
@@ -287,15 +281,11 @@ def _refit_task(task: _RefitTask):
 
 
 def one_blas_thread():
-    """A context with one BLAS/OpenMP thread for the fits inside it.
-
-    joblib's loky workers already run that way (one per core). In the calling process
-    (``n_jobs=1``, or a refit there), the default of one thread per core made
-    scikit-learn's L-BFGS softmax 3.8x slower on two cores (0.98 s against 0.26 s for one
-    fit on 2,000 x 1,280 features; the MLP 1.58 s against 1.40 s, the linear SVM equal):
-    its per-iteration vector work is too small to split, and two OpenMP runtimes (torch's
-    and scikit-learn's) make their threads wait on each other.
-    """
+    """One BLAS/OpenMP thread for the fits inside, as joblib's loky workers already run. In
+    the calling process (``n_jobs=1``) a thread per core made scikit-learn's L-BFGS softmax
+    3.8x slower on two cores (0.98 against 0.26 s, 2,000 x 1,280; the MLP 1.58 against
+    1.40 s): too little work per iteration to split, and two OpenMP runtimes (torch's,
+    scikit-learn's) whose threads wait on each other."""
     return threadpool_limits(limits=1)
 
 

@@ -230,6 +230,12 @@ class ExtractSettings(ModelOptions):
                            choices=("fail", "skip"), help=_ON_ERROR_HELP)
     batch_size: int = option(32, why=_NO_NUMBERS, group="extraction", metavar="N", parse=positive_int,
                              help="images per forward pass")
+    shard: str | None = option(None, why="which images this process computes, not their numbers", group="extraction",
+                               metavar="RANK/WORLD",
+                               help="extract only part RANK (0-based) of WORLD, chosen by each image's content "
+                                    "digest; the rank that finds every part done assembles the cache file. auto: "
+                                    "RANK/WORLD_SIZE (torchrun) or SLURM_PROCID/SLURM_NTASKS (srun); all: every "
+                                    "image (None: auto for `tlp extract`, all elsewhere)")
     workers: int | None = option(None, why="threads and processes decode the same pixels (tested)", group="extraction",
                                  metavar="N", parse=int, help=_WORKERS_HELP)
     commit_every: int = option(256, why=_NO_NUMBERS, group="extraction", metavar="N", parse=positive_int,
@@ -246,6 +252,10 @@ class ExtractSettings(ModelOptions):
         _check(settings.dtype in ("float16", "float32"), f"--dtype must be float16 or float32, got {settings.dtype!r}")
         _check(settings.on_error in ("fail", "skip"), f"--on-error must be fail or skip, got {settings.on_error!r}")
         _check(settings.tta in TTA_CHOICES, f"--tta must be none or flip, got {settings.tta!r}")
+        if settings.shard not in (None, "all", "auto"):
+            from .launch import parse_shard
+
+            parse_shard(settings.shard)
         for name in ("batch_size", "commit_every"):
             value = getattr(settings, name)
             _check(isinstance(value, int) and value >= 1,

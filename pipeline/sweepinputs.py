@@ -153,7 +153,7 @@ def _extracted(data, test, settings: SweepSettings, extraction: ExtractSettings)
     candidate names (``efficientnet_lite2:late``) is extracted on its own, with its own
     preprocessing; the rows of all networks are matched by image.
     """
-    extraction = extraction.validated()
+    extraction = dataclasses.replace(extraction.validated(), shard=None)  # a sweep needs every row, not a part
     candidates = parse_candidates(extraction.layers, extraction.model)
     dataset = as_dataset(data, on_error=extraction.on_error, max_pixels=extraction.max_pixels)
     training, test_part = split(dataset, test, settings.seed, on_error=extraction.on_error,
