@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/extract.py --photos large --json benchmarks/results/extract_large.json
 	$(PY) benchmarks/sweep.py --rows 2000 --json benchmarks/results/sweep_rows.json
 	$(PY) benchmarks/finetune.py --json benchmarks/results/finetune.json
+	$(PY) benchmarks/assemble_memory.py --json benchmarks/results/assemble_memory.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .candidates import plain_layers
-from .cache import CacheDir, RowSource, ShardWriter, check_source, gather_rows
+from .cache import CacheDir, PlannedRows, RowSource, ShardWriter, check_source
 from .data import as_dataset
 from .dataset import Dataset, Item
 from .extractresult import ExtractResult, result_from_file, unfinished_result
@@ -397,14 +397,10 @@ def _assemble(final: Path, plan: _Plan, dataset: Dataset, settings: ExtractSetti
     kept = [item for item in dataset.items if item.path not in skipped_paths]
     if len(kept) != len(rows):
         raise RuntimeError(f"internal error: {len(kept)} kept images but {len(rows)} planned rows")
-    from tqdm.auto import tqdm
-
-    layers = []
-    # Reading rows back from their shards and files takes a while only for large caches.
-    for tap in tqdm(plan.taps, desc="assemble", unit="layer", file=sys.stderr,
-                    disable=not settings.progress or len(rows) < 50_000):
-        meta = metas[tap.name]
-        layers.append((meta, gather_rows(rows, plan.layer_fps[tap.name], pooled_dim(meta.pre_pool_shape, meta.pooling))))
+    # Each layer is read from its shards and files and written a block of rows at a time.
+    layers = [(metas[tap.name], PlannedRows(rows, plan.layer_fps[tap.name],
+                                            pooled_dim(metas[tap.name].pre_pool_shape, metas[tap.name].pooling)))
+              for tap in plan.taps]
     spec = plan.spec
     root_attrs = {
         "schema_version": SCHEMA_VERSION, "key": plan.key, "model": spec.name, "arch": spec.arch,

@@ -37,7 +37,8 @@ from .featurefile import STRING_DTYPE, FeatureFile, LayerMeta, read_strings, rea
 from .files import array_sha256, atomic_h5, fingerprint, remove_orphans
 from .runlock import live_runs
 
-__all__ = ["CacheDir", "RowSource", "HeldRows", "ShardWriter", "write_shard", "gather_rows", "check_source", "shard_merged"]
+__all__ = ["CacheDir", "RowSource", "HeldRows", "ShardWriter", "write_shard", "gather_rows", "PlannedRows",
+           "check_source", "shard_merged"]
 
 logger = logging.getLogger(__name__)
 
@@ -353,6 +354,25 @@ def check_source(source: RowSource) -> None:
         return
     with FeatureFile(source.path) as features:
         features.check([name.split("/", 1)[1] for name in source.datasets.values()])
+
+
+# Rows per block when a finished file is assembled: ~32 MiB of float32 (6,553 rows of 1,280).
+ASSEMBLY_BLOCK_BYTES = 32 << 20
+
+
+class PlannedRows:
+    """One layer's rows in plan order, read from their sources one block of rows at a time
+    (for :func:`tlp.featurefile.write_feature_file`): assembling a million images holds a
+    block, not the layer (5 GB of float32 at 1,280 dimensions)."""
+
+    def __init__(self, plan: list[tuple[RowSource, int]], layer_fp: str, dims: int, block_rows: int | None = None):
+        self.plan, self.layer_fp = plan, layer_fp
+        self.shape = (len(plan), dims)
+        self.block_rows = block_rows or max(1, ASSEMBLY_BLOCK_BYTES // (4 * max(1, dims)))
+
+    def chunks(self):
+        for start in range(0, max(1, len(self.plan)), self.block_rows):
+            yield gather_rows(self.plan[start:start + self.block_rows], self.layer_fp, self.shape[1])
 
 
 def gather_rows(

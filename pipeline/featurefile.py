@@ -30,7 +30,7 @@ import h5py
 import numpy as np
 
 from .errors import CacheCorruptError, TlpInputError
-from .files import array_sha256, atomic_h5, canonical_json, fingerprint
+from .files import atomic_h5, canonical_json, fingerprint
 
 __all__ = ["SCHEMA_VERSION", "LayerMeta", "FeatureFile", "write_feature_file", "storage_dtype", "read_strings",
            "STRING_DTYPE", "read_verified", "index_sha256", "forget_checks"]
@@ -342,10 +342,15 @@ def write_feature_file(
     labels: np.ndarray,
     digests: list[str],
     skipped: list[dict],
-    layers: list[tuple[LayerMeta, np.ndarray]],
+    layers: list[tuple[LayerMeta, object]],
     dtype_policy: str,
 ) -> dict[str, np.dtype]:
-    """Write a finished cache file atomically; returns the stored dtype of each layer."""
+    """Write a finished cache file atomically; returns the stored dtype of each layer.
+
+    A layer's rows are an (N, D) array or anything with ``shape`` (N, D) and ``chunks()``,
+    an iterator of float32 row blocks in order (see :class:`tlp.cache.PlannedRows`): those
+    are written and hashed block by block, so assembling never holds a whole layer.
+    """
     n = len(paths)
     dtypes = {}
     with atomic_h5(final) as handle:
@@ -362,19 +367,39 @@ def write_feature_file(
         features = handle.create_group("features")
         features.attrs["order"] = np.asarray([meta.name for meta, _ in layers], dtype=object).astype(STRING_DTYPE)
         for meta, values in layers:
-            dtype = storage_dtype(values, dtype_policy)
-            stored = values.astype(dtype, copy=False)
-            dims = stored.shape[1]
-            dataset = features.create_dataset(
-                meta.name,
-                data=stored,
-                chunks=(_row_chunks(n, dims * dtype.itemsize), max(1, dims)) if n else None,
-            )
+            blocks = values.chunks if hasattr(values, "chunks") else (lambda values=values: iter([values]))
+            dtype = np.dtype(np.float32 if dtype_policy == "float32" else np.float16)
+            dataset, digest = _write_rows(features, meta.name, blocks(), n, values.shape[1], dtype)
+            if dataset is None:  # a value overflows float16: the layer is stored as float32 (rare; the file
+                # keeps the space of the abandoned float16 attempt: HDF5 does not reclaim it)
+                dtype = np.dtype(np.float32)
+                dataset, digest = _write_rows(features, meta.name, blocks(), n, values.shape[1], dtype)
             for key, value in meta.attrs().items():
                 dataset.attrs[key] = value
-            dataset.attrs["sha256"] = array_sha256(stored)
-            dataset.attrs["bytes_per_image"] = int(dims * dtype.itemsize)
+            dataset.attrs["sha256"] = digest
+            dataset.attrs["bytes_per_image"] = int(values.shape[1] * dtype.itemsize)
             dtypes[meta.name] = dtype
     return dtypes
+
+
+def _write_rows(features: h5py.Group, name: str, blocks, n: int, dims: int, dtype: np.dtype):
+    """(dataset, :func:`~tlp.files.array_sha256` of its values) written from row blocks;
+    (None, None), and no dataset, when a finite value overflows a float16 ``dtype``."""
+    dataset = features.create_dataset(name, shape=(n, dims), dtype=dtype,
+                                      chunks=(_row_chunks(n, dims * dtype.itemsize), max(1, dims)) if n else None)
+    digest = hashlib.sha256(f"{dtype.str}|{(n, dims)}".encode())  # as array_sha256 hashes the whole array
+    start = 0
+    for block in blocks:
+        if dtype == np.float16 and storage_dtype(block, "float16") != np.float16:
+            del features[name]
+            return None, None
+        stored = np.ascontiguousarray(block.astype(dtype, copy=False))
+        if len(stored):
+            dataset[start:start + len(stored)] = stored
+        digest.update(stored.astype(dtype.newbyteorder("<"), copy=False).tobytes())
+        start += len(stored)
+    if start != n:
+        raise ValueError(f"layer {name}: {start} rows written, {n} expected")
+    return dataset, digest.hexdigest()
 
 

@@ -8,6 +8,7 @@ import shutil
 
 import h5py
 import numpy as np
+import pytest
 
 from tlp import FeatureFile, extract
 from tlp.files import fingerprint
@@ -168,3 +169,37 @@ def test_shard_folder_removed_by_another_run_is_made_again(tmp_path):
     finally:
         stop.set()
         other.join()
+
+
+class _Blocks:
+    """Rows handed to write_feature_file a block at a time, as assembly streams them."""
+
+    def __init__(self, values: np.ndarray, block: int):
+        self.values, self.block, self.shape = values, block, values.shape
+
+    def chunks(self):
+        for start in range(0, len(self.values), self.block):
+            yield self.values[start:start + self.block]
+
+
+@pytest.mark.parametrize("overflow", [False, True])
+def test_a_layer_written_in_blocks_is_the_layer_written_at_once(tmp_path, overflow):
+    """Assembly writes and hashes each layer a block of rows at a time (bounded memory): the
+    file reads back exactly as one written from the whole array, checksum included, and a
+    value beyond float16 in the last block still makes the whole layer float32."""
+    from tlp.featurefile import LayerMeta, write_feature_file
+
+    values = np.random.default_rng(0).normal(size=(1000, 24)).astype(np.float32)
+    if overflow:
+        values[-1, 3] = 1e5
+    meta = LayerMeta("late", "bn2", "avg", (24, 2, 2), 24, 32, "fp")
+    common = dict(root_attrs={"key": "k"}, classes=["a", "b"], paths=[f"{i}.png" for i in range(1000)],
+                  labels=np.arange(1000) % 2, digests=[f"{i:064x}" for i in range(1000)], skipped=[],
+                  dtype_policy="float16")
+    write_feature_file(tmp_path / "whole.h5", layers=[(meta, values)], **common)
+    write_feature_file(tmp_path / "blocks.h5", layers=[(meta, _Blocks(values, 96))], **common)
+    with FeatureFile(tmp_path / "whole.h5") as whole, FeatureFile(tmp_path / "blocks.h5") as blocks:
+        assert whole.stored_dtype("late") == blocks.stored_dtype("late") == (np.float32 if overflow else np.float16)
+        np.testing.assert_array_equal(whole.load("late"), blocks.load("late"))
+        with h5py.File(whole.path) as a, h5py.File(blocks.path) as b:
+            assert a["features/late"].attrs["sha256"] == b["features/late"].attrs["sha256"]
