@@ -14,7 +14,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 $(STAMP): setup.cfg pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH_PINS) -e ".[test,models]"
+	$(PY) -m pip install --quiet $(TORCH_PINS) -e ".[test,models,dask]"
 	touch $(STAMP)
 
 setup: $(STAMP)

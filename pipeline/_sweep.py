@@ -38,6 +38,7 @@ from .featurefile import FeatureFile
 from .files import write_text
 from .heads import head_grid
 from .racing import RACE_FOLDS, RACE_MIN_GAP, RACE_P, RACE_Z, Cell, one_blas_thread, Problem, cv_folds, run_cells
+from .scheduler import fit_backend, scheduler_address
 from .settings import DEFAULT_HEADS, ExtractSettings, SweepSettings, route_options
 from .sweepinputs import Features, Inputs, sweep_inputs
 
@@ -237,8 +238,10 @@ def sweep(data, settings: SweepSettings | None = None, *, test=None, out: str | 
     from joblib import Parallel
 
     # One task per call keeps the longest-first order; the pool lives across the rounds.
-    with Parallel(n_jobs=settings.n_jobs if settings.n_jobs is not None else -1, batch_size=1,
-                  return_as="generator") as parallel:
+    arrays = [*problem.train_X.values(), *problem.test_X.values()]
+    with fit_backend(scheduler_address(settings.scheduler), arrays), \
+            Parallel(n_jobs=settings.n_jobs if settings.n_jobs is not None else -1, batch_size=1,
+                     return_as="generator") as parallel:
         winner, refits = run_cells(parallel, cells, problem, racing=settings.racing, progress=settings.progress)
     rows = []
     for cell in cells:

@@ -221,12 +221,13 @@ class Problem:
 
 @dataclass(frozen=True)
 class _FoldTask:
-    """One cell's grid on one fold (one phase of it, for a warm-started path)."""
+    """One cell's grid on one fold (one phase of it, for a warm-started path). The layer's
+    features travel beside it, as their own argument: joblib's dask backend sends an
+    argument array to each worker once (see tlp._sweep), not once per task."""
 
     layer: str
     head: str
     fold: int
-    X: np.ndarray
     y: np.ndarray
     train: np.ndarray
     val: np.ndarray
@@ -238,11 +239,11 @@ class _FoldTask:
     only: list[int] | None = None
 
 
-def _fold_task(task: _FoldTask):
+def _fold_task(task: _FoldTask, X: np.ndarray):
     _freeze_worker_imports()
     started = time.perf_counter()
     with one_blas_thread():
-        scores = grid_scores(task.head, task.grid, task.X[task.train], task.y[task.train], task.X[task.val],
+        scores = grid_scores(task.head, task.grid, X[task.train], task.y[task.train], X[task.val],
                              task.y[task.val], seed=task.seed, phase=task.phase, center=task.center,
                              start=task.start, only=task.only)
     return "fold", (task.layer, task.head), (task.fold, scores, time.perf_counter() - started)
@@ -255,15 +256,13 @@ class _RefitTask:
     layer: str
     head: str
     params: dict
-    X_train: np.ndarray
     y_train: np.ndarray
-    X_test: np.ndarray
     y_test: np.ndarray
     seed: int
     plain: bool  # the plain pipeline (the winner, saved and plotted), or the scoring form
 
 
-def _refit_task(task: _RefitTask):
+def _refit_task(task: _RefitTask, X_train: np.ndarray, X_test: np.ndarray):
     """The winner: the plain pipeline, fitted on all training rows (saved, plotted). Any
     other row only needs its test accuracy, which the head's scoring form gives up to float
     rounding, faster (grid_scores on a one-point grid; see the scoring forms in tlp.heads)."""
@@ -271,11 +270,11 @@ def _refit_task(task: _RefitTask):
     started = time.perf_counter()
     with one_blas_thread():
         if task.plain:
-            estimator = make_head(task.head, task.params, task.seed).fit(task.X_train, task.y_train)
-            accuracy = float((estimator.predict(task.X_test) == task.y_test).mean()) if len(task.y_test) else None
+            estimator = make_head(task.head, task.params, task.seed).fit(X_train, task.y_train)
+            accuracy = float((estimator.predict(X_test) == task.y_test).mean()) if len(task.y_test) else None
         else:
             estimator = None
-            accuracy = grid_scores(task.head, [task.params], task.X_train, task.y_train, task.X_test, task.y_test,
+            accuracy = grid_scores(task.head, [task.params], X_train, task.y_train, X_test, task.y_test,
                                    seed=task.seed).scores[0]
     return "refit", (task.layer, task.head), (estimator, accuracy, time.perf_counter() - started)
 
@@ -421,9 +420,9 @@ def _fold_jobs(cell: Cell, fold_indices, problem: Problem, racing: bool):
         only = [int(p) for p in np.flatnonzero(np.isfinite(cell.means())) if p not in behind]
     for f in fold_indices:
         train, val = problem.folds[f]
-        task = _FoldTask(layer=cell.layer, head=cell.head, fold=f, X=X, y=problem.y_train, train=train, val=val,
+        task = _FoldTask(layer=cell.layer, head=cell.head, fold=f, y=problem.y_train, train=train, val=val,
                          grid=cell.grid, seed=problem.seed, phase=phase, center=cell.center, only=only)
-        yield cost, delayed(_fold_task)(task)
+        yield cost, delayed(_fold_task)(task, X)
 
 
 def _fine_jobs(cell: Cell, problem: Problem):
@@ -431,17 +430,16 @@ def _fine_jobs(cell: Cell, problem: Problem):
     fold_indices, cell.coarse_only = cell.coarse_only, []
     for f in fold_indices:
         train, val = problem.folds[f]
-        task = _FoldTask(layer=cell.layer, head=cell.head, fold=f, X=problem.train_X[cell.layer], y=problem.y_train,
-                         train=train, val=val, grid=cell.grid, seed=problem.seed, phase="fine", center=cell.center,
+        task = _FoldTask(layer=cell.layer, head=cell.head, fold=f, y=problem.y_train, train=train, val=val,
+                         grid=cell.grid, seed=problem.seed, phase="fine", center=cell.center,
                          start=cell.folds[f].solutions[cell.center])
-        yield cell.task_seconds() / 2, delayed(_fold_task)(task)
+        yield cell.task_seconds() / 2, delayed(_fold_task)(task, problem.train_X[cell.layer])
 
 
 def _refit_job(cell: Cell, problem: Problem, plain: bool):
     """(expected seconds, task) of a cell's refit with its best parameters."""
     # One grid point on all the training part: about a fold task's share per point, x2.
     cost = cell.task_seconds() / max(1, int(np.isfinite(cell.means()).sum())) * 2
-    task = _RefitTask(layer=cell.layer, head=cell.head, params=cell.grid[cell.best()],
-                      X_train=problem.train_X[cell.layer], y_train=problem.y_train, X_test=problem.test_X[cell.layer],
+    task = _RefitTask(layer=cell.layer, head=cell.head, params=cell.grid[cell.best()], y_train=problem.y_train,
                       y_test=problem.y_test, seed=problem.seed, plain=plain)
-    return cost, delayed(_refit_task)(task)
+    return cost, delayed(_refit_task)(task, problem.train_X[cell.layer], problem.test_X[cell.layer])

@@ -114,7 +114,8 @@ def _part_spec(part: HeadPart) -> dict:
     return {"model": part.model, "weights": part.weights, "weights_id": attrs["weights_id"],
             "weights_sha256": attrs["weights_sha256"], "image_size": attrs["preprocessing"]["crop_size"],
             "preprocessing": attrs["preprocessing"], "precision": attrs["precision"],
-            "tta": attrs.get("tta", "none"), "fold_bn": bool(attrs.get("fold_bn", False)), "layer": part.layer, "node": meta.node, "pooling": meta.pooling,
+            "tta": attrs.get("tta", "none"), "fold_bn": bool(attrs.get("fold_bn", False)), "layer": part.layer,
+            "node": meta.node, "pooling": meta.pooling,
             "storage_dtype": str(features.stored_dtype(part.layer)), "cache_key": features.key}
 
 

@@ -279,7 +279,12 @@ class SweepSettings:
     val: float | None = option(None, why="results are not cached", group="heads", metavar="FRACTION", parse=float,
                                excludes="cv", help="one stratified validation split of this fraction instead of --cv")
     n_jobs: int | None = option(None, why="results are not cached", group="heads", metavar="N", parse=int,
-                                help="parallel fits (None: every core)")
+                                help="parallel fits (None: every core, or every dask worker thread with --scheduler)")
+    scheduler: str | None = option(None, why="where the fits run, not what they compute", group="heads",
+                                   metavar="ADDRESS",
+                                   help="run the fits on the dask cluster of this scheduler (tcp://HOST:8786; "
+                                        "needs tlp[dask]), each layer's features sent to each worker once "
+                                        "(None: $TLP_DASK_SCHEDULER if set, else this machine's cores)")
     seed: int = option(0, why="results are not cached", group="data", metavar="S", parse=int,
                        help="seed of every split, sample and initialisation")
     racing: bool = option(True, why="results are not cached", group="heads",
