@@ -18,8 +18,11 @@ from .errors import TlpInputError
 
 __all__ = ["Shard", "parse_shard", "launcher_shard", "resolve_shard", "launcher_device"]
 
-# (rank variable, world-size variable) of each launcher, in the order they are tried.
-LAUNCHERS = (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS"))
+# (rank variable, world-size variable, a variable only the launcher's processes have) of each
+# launcher, in the order they are tried. A Slurm batch script itself has SLURM_PROCID=0 and
+# the allocation's SLURM_NTASKS too, and a plain `tlp extract` there must extract every
+# image: only the tasks of an srun step have SLURM_STEP_NUM_TASKS.
+LAUNCHERS = (("RANK", "WORLD_SIZE", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS"))
 
 
 class Shard(NamedTuple):
@@ -50,9 +53,9 @@ def parse_shard(text: str) -> Shard:
 
 def launcher_shard(environ: Mapping[str, str] = os.environ) -> Shard | None:
     """This process's part when a launcher started several: torchrun's RANK/WORLD_SIZE,
-    else Slurm's SLURM_PROCID/SLURM_NTASKS; None for a single process."""
-    for rank_name, world_name in LAUNCHERS:
-        if rank_name in environ and world_name in environ:
+    else Slurm's SLURM_PROCID/SLURM_NTASKS in an srun step; None for a single process."""
+    for rank_name, world_name, marker in LAUNCHERS:
+        if rank_name in environ and world_name in environ and marker in environ:
             shard = parse_shard(f"{environ[rank_name]}/{environ[world_name]}")
             return shard if shard.world > 1 else None
     return None

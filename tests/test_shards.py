@@ -50,7 +50,7 @@ def one_process(data) -> Path:
 
 
 def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS")}
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS")}
     return {**env, "OMP_NUM_THREADS": "1", **extra}
 
 
@@ -143,7 +143,9 @@ def test_bad_shard_exits_2(data, tmp_path, capsys):
 
 def test_launcher_variables_choose_the_part():
     assert launcher_shard({"RANK": "1", "WORLD_SIZE": "4"}) == Shard(1, 4)
-    assert launcher_shard({"SLURM_PROCID": "3", "SLURM_NTASKS": "8"}) == Shard(3, 8)
+    assert launcher_shard({"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8"}) == Shard(3, 8)
+    # A batch script's own environment (no srun step) names the allocation, not a rank: every image.
+    assert launcher_shard({"SLURM_PROCID": "0", "SLURM_NTASKS": "16"}) is None
     assert launcher_shard({"RANK": "0", "WORLD_SIZE": "1"}) is None and launcher_shard({}) is None
     assert resolve_shard("all", {"RANK": "1", "WORLD_SIZE": "4"}) is None
     assert resolve_shard(None, {"RANK": "1", "WORLD_SIZE": "4"}) is None
