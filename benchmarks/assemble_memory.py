@@ -10,7 +10,7 @@ streamed
     what ``tlp extract`` / ``tlp cache assemble`` do now: each layer read from its shards
     and written and hashed a block of rows at a time (``tlp.cache.PlannedRows``).
 whole layer (the baseline)
-    what tlp 0.6 and earlier did: the layer gathered into one (N, D) float32 array
+    what tlp 0.5 and earlier did: the layer gathered into one (N, D) float32 array
     (``tlp.cache.gather_rows``), then written.
 
 Both produce the same stored values, and both files pass their checksums (checked). Figures go in the

@@ -397,9 +397,15 @@ def _assemble(final: Path, plan: _Plan, dataset: Dataset, settings: ExtractSetti
     kept = [item for item in dataset.items if item.path not in skipped_paths]
     if len(kept) != len(rows):
         raise RuntimeError(f"internal error: {len(kept)} kept images but {len(rows)} planned rows")
-    # Each layer is read from its shards and files and written a block of rows at a time.
+    from tqdm.auto import tqdm
+
+    # Each layer is read from its shards and files and written a block of rows at a time;
+    # that takes a while only for large caches.
+    bar = tqdm(total=len(rows) * len(plan.taps), desc="assemble", unit="row", unit_scale=True, file=sys.stderr,
+               disable=not settings.progress or len(rows) < 50_000, leave=False)
     layers = [(metas[tap.name], PlannedRows(rows, plan.layer_fps[tap.name],
-                                            pooled_dim(metas[tap.name].pre_pool_shape, metas[tap.name].pooling)))
+                                            pooled_dim(metas[tap.name].pre_pool_shape, metas[tap.name].pooling),
+                                            on_block=bar.update))
               for tap in plan.taps]
     spec = plan.spec
     root_attrs = {
@@ -411,8 +417,9 @@ def _assemble(final: Path, plan: _Plan, dataset: Dataset, settings: ExtractSetti
         "data_root": str(dataset.root) if dataset.root is not None else "", "created": now_iso(),
         "fingerprint_spec": {k: v for k, v in plan.key_spec.items() if k != "skipped_before_extraction"},
     }
-    write_feature_file(
-        final, root_attrs=root_attrs, classes=dataset.classes, paths=[item.path for item in kept],
-        labels=np.asarray([item.label for item in kept], dtype=np.int64), digests=[item.digest for item in kept],
-        skipped=skipped, layers=layers, dtype_policy=settings.dtype,
-    )
+    with bar:
+        write_feature_file(
+            final, root_attrs=root_attrs, classes=dataset.classes, paths=[item.path for item in kept],
+            labels=np.asarray([item.label for item in kept], dtype=np.int64), digests=[item.digest for item in kept],
+            skipped=skipped, layers=layers, dtype_policy=settings.dtype,
+        )

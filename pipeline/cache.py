@@ -365,14 +365,19 @@ class PlannedRows:
     (for :func:`tlp.featurefile.write_feature_file`): assembling a million images holds a
     block, not the layer (5 GB of float32 at 1,280 dimensions)."""
 
-    def __init__(self, plan: list[tuple[RowSource, int]], layer_fp: str, dims: int, block_rows: int | None = None):
+    def __init__(self, plan: list[tuple[RowSource, int]], layer_fp: str, dims: int, block_rows: int | None = None,
+                 on_block=None):
         self.plan, self.layer_fp = plan, layer_fp
         self.shape = (len(plan), dims)
         self.block_rows = block_rows or max(1, ASSEMBLY_BLOCK_BYTES // (4 * max(1, dims)))
+        self.on_block = on_block  # called with each block's row count once it is read (a progress bar)
 
     def chunks(self):
         for start in range(0, max(1, len(self.plan)), self.block_rows):
-            yield gather_rows(self.plan[start:start + self.block_rows], self.layer_fp, self.shape[1])
+            block = gather_rows(self.plan[start:start + self.block_rows], self.layer_fp, self.shape[1])
+            if self.on_block is not None:
+                self.on_block(len(block))
+            yield block
 
 
 def gather_rows(

@@ -153,3 +153,16 @@ def test_launcher_variables_choose_the_part():
     digests = [f"{i:064x}" for i in range(0, 10**6, 7919)]
     for world in (2, 3, 5):
         assert all(sum(Shard(r, world).owns(d) for r in range(world)) == 1 for d in digests)
+
+
+def test_two_copies_of_one_rank_still_give_one_row_per_image(data, one_process, tmp_path):
+    """A requeued job beside its straggler: two processes extract the same part at once."""
+    cache = tmp_path / "cache"
+    command = [sys.executable, "-m", "tlp", "extract", str(data), *OPTIONS, "--cache-dir", str(cache), "--quiet"]
+    copies = [subprocess.Popen(command + ["--shard", "0/2"], env=_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for copy in copies:
+        _, err = copy.communicate(timeout=300)
+        assert copy.returncode == 0, err[-2000:]
+    _tlp("extract", str(data), *OPTIONS, "--cache-dir", str(cache), "--shard", "1/2", "--quiet")
+    _same_file(one_process, _finished(cache))  # includes: every digest exactly once
