@@ -223,7 +223,7 @@ class Problem:
 class _FoldTask:
     """One cell's grid on one fold (one phase of it, for a warm-started path). The layer's
     features travel beside it, as their own argument: joblib's dask backend sends an
-    argument array to each worker once (see tlp._sweep), not once per task."""
+    argument array to each worker once (see tlp.scheduler), not once per task."""
 
     layer: str
     head: str
