@@ -19,7 +19,7 @@ from .errors import TlpInputError
 
 __all__ = ["scheduler_address", "fit_backend"]
 
-CONNECT_TIMEOUT = "5s"  # a scheduler answers in milliseconds; a wrong address should not hang a sweep
+CONNECT_TIMEOUT = "3s"  # a scheduler answers in milliseconds; a wrong address should not hang a sweep
 
 
 def scheduler_address(value: str | None) -> str | None:
