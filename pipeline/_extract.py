@@ -204,7 +204,7 @@ def _extract_missing(plan: _Plan, dataset: Dataset, settings: ExtractSettings, c
             forwarded.update((item.path, item) for item in own)
             continue  # the new shards are donors now; planning again sees other ranks' too
         if todo:  # other parts are not done: their ranks (the last to finish assembles), or assemble later
-            return _unfinished(plan, dataset, todo, shard, len(forwarded), cache, started, timings)
+            return _unfinished(plan, dataset, todo, shard, forward, len(forwarded), cache, started, timings)
         skipped = [s.to_dict() for s in dataset.skipped] + [
             {"path": item.path, "reason": shard_skips[item.digest]} for item in dataset.items if item.digest in shard_skips
         ]
@@ -258,9 +258,11 @@ def _finished(features: FeatureFile, plan: _Plan, forwarded: dict[str, Item], sk
                             n_reused=max(0, features.n_rows() - n_extracted))
 
 
-def _unfinished(plan: _Plan, dataset: Dataset, todo: list[Item], shard: Shard | None, n_extracted: int,
-                cache: CacheDir, started: float, timings: dict) -> ExtractResult:
-    if shard is None:  # assemble: nothing may be guessed
+def _unfinished(plan: _Plan, dataset: Dataset, todo: list[Item], shard: Shard | None, forward: bool,
+                n_extracted: int, cache: CacheDir, started: float, timings: dict) -> ExtractResult:
+    """Rows are missing after this run did its part: assembly refuses (nothing may be
+    guessed), a shard's rank reports its part done."""
+    if not forward or shard is None:
         examples = ", ".join(item.path for item in todo[:3])
         raise TlpInputError(
             f"cannot assemble {dataset.name}: {len(todo)} of {len(dataset.items)} images have no rows in "

@@ -218,6 +218,11 @@ class Problem:
     folds: list[tuple[np.ndarray, np.ndarray]]  # (training rows, validation rows) per fold
     seed: int
 
+    @property
+    def n_validation(self) -> int:
+        """Validation samples over all folds: the total the race's thresholds scale by."""
+        return sum(len(val) for _, val in self.folds)
+
 
 @dataclass(frozen=True)
 class _FoldTask:
@@ -345,7 +350,6 @@ def run_cells(parallel, cells: list[Cell], problem: Problem, *, racing: bool, pr
     Returns the winner and ``{key: (estimator or None, test accuracy, seconds)}``.
     """
     n_folds = len(problem.folds)
-    total = sum(len(val) for _, val in problem.folds)
     plan = {cell.key: _first_folds(n_folds, racing) for cell in cells}
     refits: dict[tuple[str, str], tuple] = {}
     bar = _Progress(cells, n_folds, progress)
@@ -363,7 +367,7 @@ def run_cells(parallel, cells: list[Cell], problem: Problem, *, racing: bool, pr
                     cell.center = cell.best()
             active = [cell for cell in cells if not cell.stopped]
             if racing and any(len(cell.folds) < n_folds for cell in active):
-                leader, stopped = _race(active, n_folds, total)
+                leader, stopped = _race(active, n_folds, problem.n_validation)
                 for cell in stopped:
                     cell.stopped = True
                     logger.debug("racing: %s/%s stops after %d of %d folds: %.3f against %.3f of %s/%s (z %.1f)",
@@ -416,7 +420,7 @@ def _fold_jobs(cell: Cell, fold_indices, problem: Problem, racing: bool):
     # Racing also skips the points clearly behind the cell's best (see Cell.points_behind).
     only = None
     if not warm_start and cell.folds:
-        behind = cell.points_behind(sum(len(val) for _, val in problem.folds)) if racing else set()
+        behind = cell.points_behind(problem.n_validation) if racing else set()
         only = [int(p) for p in np.flatnonzero(np.isfinite(cell.means())) if p not in behind]
     for f in fold_indices:
         train, val = problem.folds[f]
