@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/sweep.py --rows 2000 --json benchmarks/results/sweep_rows.json
 	$(PY) benchmarks/finetune.py --json benchmarks/results/finetune.json
 	$(PY) benchmarks/assemble_memory.py --json benchmarks/results/assemble_memory.json
+	$(PY) benchmarks/scale.py --json benchmarks/results/scale.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

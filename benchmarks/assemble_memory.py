@@ -3,8 +3,10 @@
 A synthetic cache of ``--rows`` images x ``--dims`` dimensions (default 200,000 x 1,280,
 the late layer of efficientnet_lite0) is written directly as extraction shards (float32,
 ``--shard-rows`` rows each, with their checksums; no forward passes), then assembled into
-one finished file twice, each time in a fresh subprocess whose peak RSS
-(``resource.getrusage(RUSAGE_SELF).ru_maxrss``) is recorded:
+one finished file twice, each time in a fresh subprocess whose peak RSS is recorded
+(``VmHWM`` of ``/proc/self/status``, the new process's own high-water mark; Linux keeps
+``resource.getrusage(RUSAGE_SELF).ru_maxrss`` across ``exec``, so there it also counts the
+process that launched the child, and it is recorded beside it as ``ru_maxrss_mb``):
 
 streamed
     what ``tlp extract`` / ``tlp cache assemble`` do now: each layer read from its shards
@@ -70,7 +72,7 @@ def assemble(root: Path, out: Path, n_rows: int, dims: int, mode: str) -> dict:
     from tlp.cache import CacheDir, PlannedRows, gather_rows
     from tlp.featurefile import write_feature_file
 
-    rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_start = _high_water_mb()
     started = time.perf_counter()
     sources = CacheDir(root).donors([LAYER_FP], RUN_FP)
     by_digest = {digest: (source, row) for source in sources for digest, row in source.rows.items()}
@@ -81,11 +83,22 @@ def assemble(root: Path, out: Path, n_rows: int, dims: int, mode: str) -> dict:
                        paths=[f"{i}.jpg" for i in range(n_rows)], labels=np.arange(n_rows) % 2, digests=digests,
                        skipped=[], layers=[(_meta(dims), rows)], dtype_policy="float16")
     return {"mode": mode, "seconds": round(time.perf_counter() - started, 2),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "rss_before_mb": round(rss_start / 1024, 1)}
+            "peak_rss_mb": _high_water_mb(), "rss_before_mb": rss_start,
+            "ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
-def _child(root: Path, out: Path, n_rows: int, dims: int, mode: str) -> dict:
+def _high_water_mb() -> float:
+    """This process's peak resident memory, MB (VmHWM; ru_maxrss where /proc is absent)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def assemble_in_subprocess(root: Path, out: Path, n_rows: int, dims: int, mode: str) -> dict:
     done = subprocess.run([sys.executable, __file__, "--child", mode, "--root", str(root), "--out", str(out),
                            "--rows", str(n_rows), "--dims", str(dims), "--json", "-"],
                           capture_output=True, text=True, check=True)
@@ -109,7 +122,7 @@ def main(argv=None) -> int:
     try:
         write_s = write_shards(work / "cache", args.rows, args.dims, args.shard_rows)
         print(f"wrote {args.rows:,} x {args.dims} float32 rows as shards in {write_s:.1f} s", flush=True)
-        runs = {mode: _child(work / "cache", work / f"{mode}.h5", args.rows, args.dims, mode)
+        runs = {mode: assemble_in_subprocess(work / "cache", work / f"{mode}.h5", args.rows, args.dims, mode)
                 for mode in ("streamed", "whole")}
         from tlp import FeatureFile
 

@@ -11,8 +11,8 @@
 #   2. facts: nvidia-smi, torch's CUDA version, device name and capability, GPU count.
 #   3. tests: `pytest -m gpu` (autocast fp32/bf16/fp16 features against the CPU's, pinned
 #      memory with DataLoader workers, fp16 fine-tuning with a gradient scaler and its
-#      resume). DDP on nccl belongs to the multi-process work (not in tlp yet): with 2+
-#      GPUs the check says so instead of pretending to test it.
+#      resume; with 2+ GPUs, `torchrun --nproc-per-node 2 -m tlp finetune` on nccl against
+#      one GPU of the global batch).
 #   4. benchmark: benchmarks/extract.py --device cuda --batch-size 256 on 1,024 small
 #      photos (the limit for fp32/bf16/fp16, the naive script, tlp cold and warm).
 # Output: OUT/gpu_check.json (every step's seconds, status and figures), OUT/gpu_check.log
@@ -116,9 +116,11 @@ run_step tests 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.
 SUMMARY=$(grep -E "^[0-9]+ (passed|failed|skipped|error)|^=+ .*(passed|failed|skipped)" "$LOG" | tail -1 | tr -d '=' | xargs)
 step_json tests "$STEP_STATUS" "$STEP_SECONDS" "\"summary\": \"$SUMMARY\""
 if [ "$GPUS" -ge 2 ]; then
-    say "ddp: $GPUS GPUs, but tlp has no DDP path yet (multi-process work is its own issue): not tested"
+    step_json ddp "in the tests step (nccl, 2 of $GPUS GPUs)" 0 "\"gpus\": $GPUS"
+else
+    say "ddp: $GPUS GPU(s): the nccl fine-tuning test needs 2 and is skipped (tests/test_ddp.py runs gloo on the CPU)"
+    step_json ddp "skipped (needs 2 GPUs)" 0 "\"gpus\": $GPUS"
 fi
-step_json ddp "not tested (tlp has no DDP path yet)" 0 "\"gpus\": $GPUS"
 
 # ----------------------------------------------------------------------------- 4. benchmark
 if [ $DRY_RUN -eq 1 ]; then

@@ -144,6 +144,8 @@ def finetune(args) -> int:
     from .finetuning.stage import finetune as run_finetune
 
     result = run_finetune(args.data, _settings(args, FinetuneSettings), test=parse_test(args.test), out=args.out)
+    if result.rank:  # one of several ranks: rank 0 reports for all
+        return 0
     return _finish(args, result.to_report(), _finetune_summary(result))
 
 

@@ -73,10 +73,11 @@ def resolve_shard(value: str | None, environ: Mapping[str, str] = os.environ) ->
 
 
 def launcher_device(device: str, environ: Mapping[str, str] = os.environ) -> str:
-    """``device`` as given, except ``auto`` under a launcher on a machine with CUDA: the
-    GPU of this process's LOCAL_RANK (torchrun; SLURM_LOCALID under srun)."""
+    """``device`` as given, except ``auto`` or a bare ``cuda`` under a launcher on a machine
+    with CUDA: the GPU of this process's LOCAL_RANK (torchrun; SLURM_LOCALID under srun),
+    so that ranks on one node do not all take GPU 0."""
     local = environ.get("LOCAL_RANK", environ.get("SLURM_LOCALID"))
-    if device != "auto" or local is None:
+    if device not in ("auto", "cuda") or local is None:
         return device
     import torch
 

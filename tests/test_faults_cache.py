@@ -258,15 +258,19 @@ def test_key_names_the_cpu_kernel_family(tmp_path):
     write_images(data / "a", 1, size=(40, 32))
     write_images(data / "b", 1, start=7, size=(40, 32))
 
-    def key(**env) -> str:
-        done = subprocess.run([sys.executable, "-m", "tlp", "extract", str(data), "--image-size", "32",
-                               "--workers", "0", "--precision", "fp32", "--cache-dir", str(tmp_path / "cache"),
-                               "--json", "--quiet"], env={**ENV, **env}, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
-        return json.loads(done.stdout)["key"]
+    def start(index: int, **env) -> subprocess.Popen:  # the three processes run at once
+        return subprocess.Popen([sys.executable, "-m", "tlp", "extract", str(data), "--image-size", "32",
+                                 "--workers", "0", "--precision", "fp32", "--cache-dir", str(tmp_path / f"cache{index}"),
+                                 "--json", "--quiet"], env={**ENV, **env}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
 
-    native = key()
-    aten_default, onednn_avx2 = key(ATEN_CPU_CAPABILITY="default"), key(ONEDNN_MAX_CPU_ISA="AVX2")
+    def key(process: subprocess.Popen) -> str:
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err[-2000:]
+        return json.loads(out)["key"]
+
+    runs = [start(0), start(1, ATEN_CPU_CAPABILITY="default"), start(2, ONEDNN_MAX_CPU_ISA="AVX2")]
+    native, aten_default, onednn_avx2 = (key(run) for run in runs)
     assert len({native, aten_default, onednn_avx2}) == 3
 
 

@@ -165,8 +165,9 @@ def test_killed_run_resumes_bit_identical(image_folder, tmp_path):
     """SIGKILL after the first checkpoint, rerun the same command: the final weights equal
     those of an uninterrupted run, and the report says where it resumed."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
-    whole = tmp_path / "whole"
-    subprocess.run(_finetune_command(image_folder, whole), check=True, env=env, capture_output=True, timeout=300)
+    whole = tmp_path / "whole"  # the uninterrupted run, beside the one that is killed
+    uninterrupted = subprocess.Popen(_finetune_command(image_folder, whole), env=env, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
 
     killed = tmp_path / "killed"
     process = subprocess.Popen(_finetune_command(image_folder, killed), env=env, stdout=subprocess.DEVNULL,
@@ -179,11 +180,14 @@ def test_killed_run_resumes_bit_identical(image_folder, tmp_path):
     process.wait()
     assert first.exists(), "the run wrote its first checkpoint before the kill"
     if (killed / "model.json").exists():
+        uninterrupted.kill()
         pytest.skip("the run finished before it could be killed")
 
     report = tmp_path / "resumed.json"
     subprocess.run(_finetune_command(image_folder, killed) + ["--report", str(report)], check=True, env=env,
                    capture_output=True, timeout=300)
+    _, stderr = uninterrupted.communicate(timeout=300)
+    assert uninterrupted.returncode == 0, stderr[-2000:]
     assert json.loads(report.read_text())["resumed_from_epoch"] >= 1
     expected = torch.load(_weights_file(whole), weights_only=True)
     resumed = torch.load(_weights_file(killed), weights_only=True)

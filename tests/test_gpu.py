@@ -64,3 +64,31 @@ def test_fp16_finetune_trains_with_a_scaler_and_resumes(image_folder, tmp_path):
     again = tlp.finetune(str(image_folder), epochs=2, **settings)  # the same command: resumes, trains nothing
     assert again.resumed_from_epoch == 2
     assert again.val_accuracy == first.val_accuracy
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_two_gpus_train_with_nccl_like_one_gpu_of_the_global_batch(image_folder, tmp_path):
+    """torchrun on 2 GPUs (nccl, cuda:LOCAL_RANK each) against one GPU of batch 2 x 8: the
+    same training to rounding (tests/test_ddp.py states the CPU's figures)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    options = dict(image_size=64, epochs=2, precision="fp32", seed=0, case="4", val=0.25)
+    one = tlp.finetune(str(image_folder), batch_size=16, device="cuda", progress=False, **options)
+    out = tmp_path / "two"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "tlp", "finetune", str(image_folder),
+               "--model", "efficientnet_lite0", "--batch-size", "8", "--out", str(out), "--quiet",
+               *[f"--{k.replace('_', '-')}={v}" for k, v in options.items()]]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    spec = json.loads((out / "model.json").read_text())
+    got = torch.load(out / spec["finetuned"]["file"], weights_only=True)
+    expected = {k: v.detach().cpu() for k, v in one.network.state_dict().items()}
+    floats = [k for k in expected if expected[k].is_floating_point()]
+    differing = sum(int((~torch.isclose(got[k], expected[k], rtol=1e-3, atol=1e-4)).sum()) for k in floats)
+    assert differing / sum(expected[k].numel() for k in floats) <= 0.05

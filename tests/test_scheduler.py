@@ -11,7 +11,7 @@ from sklearn.datasets import load_digits
 from tlp import sweep
 from tlp.cli import main
 
-pytestmark = pytest.mark.cluster
+pytestmark = pytest.mark.scale
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from tlp.launch import Shard, launcher_shard, resolve_shard
 
 from helpers import write_images
 
-pytestmark = pytest.mark.cluster
+pytestmark = pytest.mark.scale
 
 OPTIONS = ["--image-size", "64", "--precision", "fp32", "--layers", "early,late", "--batch-size", "8",
            "--commit-every", "8"]

@@ -23,7 +23,7 @@ from ..forward import stack_channels_last
 from ..models import Preprocessing
 from ..preprocess import load_pixels
 
-__all__ = ["DecodedImages", "augment", "epoch_order", "training_batches", "DECODED_MEMORY_BUDGET"]
+__all__ = ["DecodedImages", "augment", "dropout_seed", "epoch_order", "training_batches", "DECODED_MEMORY_BUDGET"]
 
 DECODED_MEMORY_BUDGET = 2 << 30  # bytes of decoded training images kept between epochs
 
@@ -65,6 +65,12 @@ class DecodedImages:
 def _sample_seed(seed: int, epoch: int, position: int) -> int:
     digest = hashlib.sha256(f"{seed}/{epoch}/{position}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def dropout_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of one epoch's dropout and drop-path draws on one rank (streams -2, -3, ...
+    next to each image's own and the shuffle's -1)."""
+    return _sample_seed(seed, epoch, -2 - rank)
 
 
 def augment(base: torch.Tensor, crop_size: int, generator: torch.Generator, min_scale: float, hflip: bool) -> torch.Tensor:
@@ -129,21 +135,34 @@ def _collate(samples):
     return stack_channels_last([s[0] for s in samples]), torch.as_tensor([s[1] for s in samples], dtype=torch.long)
 
 
+def _global_batches(order: list[int], batch_size: int, ranks) -> Iterator[list[int]]:
+    """The epoch's global batches of ``ranks.world * batch_size`` positions in ``order``;
+    a last one smaller than ``ranks.smallest_batch`` is dropped."""
+    size = batch_size * ranks.world
+    for start in range(0, len(order), size):
+        batch = order[start:start + size]
+        if len(batch) < ranks.smallest_batch:
+            return
+        yield batch
+
+
 def training_batches(images: DecodedImages, labels: np.ndarray, positions: list[int], settings, epoch: int, *,
-                     workers: int, pool, pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(uint8 batch, labels) of one epoch in its seeded order; a last batch of one is
-    dropped (BatchNorm cannot train on it). Decoded in ``pool``'s threads between steps
-    (``workers=0``, the CPU default: the training step already uses every core) or by
-    DataLoader workers."""
+                     workers: int, pool, ranks, pin_memory: bool = False
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """(uint8 batch, labels, size of the global batch) of one epoch in its seeded order:
+    this rank's part of each global batch (see :class:`tlp.finetuning.parallel.Ranks`;
+    in one process, the whole batch). A last global batch of one image (or of fewer
+    than one per rank) is dropped: BatchNorm cannot train on it. Decoded in ``pool``'s
+    threads between steps (``workers=0``, the CPU default: the training step already
+    uses every core) or by DataLoader workers."""
     order = [positions[i] for i in epoch_order(len(positions), settings.seed, epoch)]
+    batches = list(_global_batches(order, settings.batch_size, ranks))
+    parts = [ranks.part(batch) for batch in batches]
     sample = _Augmented(images, labels, settings, epoch)
     if workers:
-        loader = torch.utils.data.DataLoader(_AugmentedSet(sample), batch_size=settings.batch_size, sampler=order,
-                                             num_workers=workers, collate_fn=_collate, pin_memory=pin_memory)
+        loader = torch.utils.data.DataLoader(_AugmentedSet(sample), batch_sampler=parts, num_workers=workers,
+                                             collate_fn=_collate, pin_memory=pin_memory)
     else:
-        loader = (_collate(list(pool.map(sample, order[start:start + settings.batch_size])))
-                  for start in range(0, len(order), settings.batch_size))
-    for pixels, targets in loader:
-        if len(targets) < 2:
-            break
-        yield pixels, targets
+        loader = (_collate(list(pool.map(sample, part))) for part in parts)
+    for (pixels, targets), batch in zip(loader, batches):
+        yield pixels, targets, len(batch)

@@ -28,7 +28,8 @@ from ..forward import Forward
 from ..models import resolve_model
 from ..preprocess import normalize
 from ..settings import FinetuneSettings, key_entries
-from .augment import DecodedImages, training_batches
+from .augment import DecodedImages, dropout_seed, training_batches
+from .parallel import Ranks, synced_norms, wrap_data_parallel
 from .state import CHECKPOINT_DIR, resume, save_checkpoint
 from .surgery import Network, prepare_network
 
@@ -72,6 +73,7 @@ class FinetuneResult:
     timings: dict[str, float] = field(default_factory=dict)
     out: Path | None = None
     network: nn.Module | None = field(default=None, repr=False)  # the best weights, in eval mode
+    rank: int = 0  # this process's rank in a data-parallel run (rank 0 writes the outputs)
 
     def to_report(self) -> dict:
         params = {k: self.recipe[k] for k in ("freeze", "from_scratch", "lr", "backbone_lr_mult", "epochs")}
@@ -150,42 +152,49 @@ class _Run:
     device: torch.device
     precision: str
     pool: ThreadPoolExecutor
+    ranks: Ranks
+    step_model: nn.Module  # what the training step calls: the model, or DDP around it
 
 
 def _train_epoch(run: _Run, positions: list[int], epoch: int) -> dict:
     from tqdm.auto import tqdm
 
-    settings, model = run.settings, run.network.model
+    settings, ranks = run.settings, run.ranks
     run.network.train_mode()
+    # Dropout and drop-path draw from a stream of this epoch and rank: a resumed run, and
+    # every rank of a parallel one, draws what an uninterrupted run would.
+    torch.manual_seed(dropout_seed(settings.seed, epoch, ranks.rank))
     seen, correct, loss_sum = 0, 0, 0.0
     started = time.perf_counter()
     bar = tqdm(total=len(positions), desc=f"epoch {epoch}/{settings.epochs}", unit="img", leave=False,
-               disable=not settings.progress, dynamic_ncols=True)
+               disable=not (settings.progress and ranks.is_main), dynamic_ncols=True)
     with bar:
-        for pixels, targets in training_batches(run.images, run.labels, positions, settings, epoch, pool=run.pool,
-                                                workers=default_workers(settings.workers, run.device),
-                                                pin_memory=run.device.type == "cuda"):
+        for pixels, targets, batch_size in training_batches(
+                run.images, run.labels, positions, settings, epoch, pool=run.pool, ranks=ranks,
+                workers=default_workers(settings.workers, run.device), pin_memory=run.device.type == "cuda"):
             inputs = normalize(pixels.to(run.device), run.images.prep)
             targets = targets.to(run.device)
             with autocast(run.device, run.precision):
-                logits = model(inputs)
+                logits = run.step_model(inputs)
             loss = run.criterion(logits.float(), targets)
+            weighted = loss * ranks.share(len(targets), batch_size) if ranks.world > 1 else loss
             run.optimizer.zero_grad(set_to_none=True)
             if run.scaler is None:
-                loss.backward()
+                weighted.backward()
                 run.optimizer.step()
             else:  # fp16 on CUDA: scale the loss so small gradients do not underflow
-                run.scaler.scale(loss).backward()
+                run.scaler.scale(weighted).backward()
                 run.scaler.step(run.optimizer)
                 run.scaler.update()
             run.scheduler.step()
             seen += len(targets)
             loss_sum += float(loss.detach()) * len(targets)
             correct += int((logits.argmax(1) == targets).sum())
-            bar.update(len(targets))
+            bar.update(batch_size)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
-                            img_s=f"{seen / (time.perf_counter() - started):.1f}")
+                            img_s=f"{seen * ranks.world / (time.perf_counter() - started):.1f}")
     seconds = time.perf_counter() - started
+    seen, correct, loss_sum = ranks.sum([seen, correct, loss_sum])  # the whole global batch's figures
     return {"epoch": epoch, "train_loss": round(loss_sum / max(1, seen), 6),
             "train_accuracy": round(correct / max(1, seen), 6), "seconds": round(seconds, 3),
             "images_per_second": round(seen / seconds, 2) if seconds else None,
@@ -193,12 +202,15 @@ def _train_epoch(run: _Run, positions: list[int], epoch: int) -> dict:
 
 
 def _accuracy(run: _Run, images: DecodedImages, positions: list[int], labels: np.ndarray) -> float:
-    """Accuracy of the network's top class on extraction's crops of these images."""
+    """Accuracy of the network's top class on extraction's crops of these images (each
+    rank scores every ``world``-th image; padded batches make an image's scores
+    independent of its batch-mates, so the figure is the one process's)."""
+    mine = positions[run.ranks.rank::run.ranks.world]
     forward = Forward(run.network.model, images.prep, device=run.device, precision=run.precision)
-    _, scores = forward.rows(lambda i: images.eval_crop(positions[i]), len(positions),
-                             batch_size=run.settings.batch_size)
+    _, scores = forward.rows(lambda i: images.eval_crop(mine[i]), len(mine), batch_size=run.settings.batch_size)
     predicted = scores.argmax(1) if scores is not None else np.zeros(0, dtype=np.int64)
-    return round(float((predicted == labels[positions]).mean()), 6)
+    correct, total = run.ranks.sum([int((predicted == labels[mine]).sum()), len(mine)])
+    return round(correct / total, 6) if total else float("nan")
 
 
 def _log_epoch(row: dict, epochs: int) -> None:
@@ -207,16 +219,46 @@ def _log_epoch(row: dict, epochs: int) -> None:
                 row["train_loss"], row["train_accuracy"], val, row["images_per_second"] or 0.0)
 
 
+def _steps_per_epoch(n_train: int, batch_size: int, ranks: Ranks) -> int:
+    """Optimiser steps in an epoch: global batches of ``world * batch_size`` images, the
+    last one kept when it has at least ``ranks.smallest_batch``."""
+    size = batch_size * ranks.world
+    return max(1, n_train // size + (n_train % size >= ranks.smallest_batch))
+
+
+def _resume(ranks: Ranks, out: Path | None, settings: FinetuneSettings, run_fp: str, **trained) -> tuple:
+    """(training state, epoch resumed from or None), the same on every rank: rank 0 alone
+    tidies the folder (and with ``--restart`` empties it), then every rank reads the newest
+    usable checkpoint; ranks that find different ones (``--out`` not on a filesystem they
+    all see) are refused."""
+    checkpoints = out / CHECKPOINT_DIR if out is not None else None
+    if out is not None and ranks.is_main:  # what killed runs left mid-write (their pid is dead)
+        remove_orphans(out, ".*.tmp.*", f"{CHECKPOINT_DIR}/.*.tmp.*")
+    if ranks.is_main:
+        state, resumed_from = resume(checkpoints, restart=settings.restart, run_fingerprint=run_fp, **trained)
+    ranks.barrier()
+    if not ranks.is_main:
+        state, resumed_from = resume(checkpoints, restart=False, run_fingerprint=run_fp, **trained)
+    epoch = resumed_from or 0
+    if ranks.min(epoch) != ranks.max(epoch):
+        raise TlpInputError(f"the ranks found different checkpoints in {checkpoints}: --out must be a folder on a "
+                            "filesystem every rank sees")
+    return state, resumed_from
+
+
 def train(parts: Parts, settings: FinetuneSettings, recipe: Recipe, *, out: Path | None = None,
-          deadline: float | None = None) -> FinetuneResult:
+          deadline: float | None = None, ranks: Ranks | None = None) -> FinetuneResult:
     """Fine-tune on ``parts`` as ``recipe`` says, resuming from ``out/checkpoints`` when it
     holds this run's checkpoints (``settings.restart`` discards them).
 
     ``deadline`` (a ``time.monotonic()`` value) caps the time: after each epoch, the run
     keeps only the epochs that still fit at that epoch's pace, and the learning-rate decay
-    is shortened to end with them (the checkpoints keep the shortened schedule)."""
+    is shortened to end with them (the checkpoints keep the shortened schedule).
+    ``ranks`` (from :func:`tlp.finetuning.parallel.data_parallel`) makes this process one
+    of several training together; rank 0 alone writes checkpoints and logs epochs."""
     started = time.perf_counter()
-    device = resolve_device(settings.device)
+    ranks = ranks or Ranks(device=resolve_device(settings.device))
+    device = ranks.device
     precision = training_precision(settings.precision, device)
     spec = resolve_model(settings.model, weights=settings.weights, image_size=settings.image_size,
                          download=settings.download)
@@ -226,42 +268,46 @@ def train(parts: Parts, settings: FinetuneSettings, recipe: Recipe, *, out: Path
     tune_cpu_allocator()
     network.model.to(device=device, memory_format=torch.channels_last)
     optimizer = _optimizer(network, settings)
-    steps_per_epoch = max(1, len(parts.train) // settings.batch_size + (len(parts.train) % settings.batch_size >= 2))
+    steps_per_epoch = _steps_per_epoch(len(parts.train), settings.batch_size, ranks)
     schedule = _Schedule(steps_per_epoch * settings.epochs, int(round(settings.warmup_epochs * steps_per_epoch)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     # What a checkpoint must match: the key fields of the settings, resolved, and the data.
+    # (and, for several ranks, their number: it sets the global batch).
     entries = key_entries(settings, {"model": spec.identity(), "precision": precision, "device": device.type,
-                                     "freeze": recipe.freeze})
+                                     "freeze": recipe.freeze, **({"world": ranks.world} if ranks.world > 1 else {})})
     run_fp = fingerprint({"settings": entries, "data": dataset.identity(), "train": parts.train, "val": parts.val})
     checkpoints = out / CHECKPOINT_DIR if out is not None else None
-    if out is not None:  # what killed runs left mid-write (their pid is dead); a live writer's stays
-        remove_orphans(out, ".*.tmp.*", f"{CHECKPOINT_DIR}/.*.tmp.*")
-    state, resumed_from = resume(checkpoints, restart=settings.restart, run_fingerprint=run_fp,
-                                 model=network.model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+    state, resumed_from = _resume(ranks, out, settings, run_fp, model=network.model, optimizer=optimizer,
+                                  scheduler=scheduler, scaler=scaler)
     timings = {"setup_seconds": time.perf_counter() - started}
 
     train_started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool, \
+            synced_norms(network.model, network.frozen_norms, ranks):
         run = _Run(network=network, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                    criterion=nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing),
                    images=DecodedImages(dataset, spec.preprocessing), labels=dataset.labels, settings=settings,
-                   device=device, precision=precision, pool=pool)
+                   device=device, precision=precision, pool=pool, ranks=ranks,
+                   step_model=wrap_data_parallel(network.model, ranks))
         epochs = settings.epochs  # fewer when the deadline says so after the first epoch
         while not state.finished and state.epoch < epochs:
             epoch_started = time.monotonic()
             row = _train_epoch(run, parts.train, state.epoch + 1)
             if parts.val:
                 row["val_accuracy"] = _accuracy(run, run.images, parts.val, run.labels)
-            fit = _epochs_that_fit(deadline, time.monotonic() - epoch_started, state.epoch + 1, epochs)
+            # The slowest rank's pace decides, for every rank alike.
+            fit = ranks.min(_epochs_that_fit(deadline, time.monotonic() - epoch_started, state.epoch + 1, epochs))
             if fit < epochs:
-                logger.info("time budget: %d of %d epochs fit (%.0f s per epoch)", fit, epochs,
-                            time.monotonic() - epoch_started)
+                if ranks.is_main:
+                    logger.info("time budget: %d of %d epochs fit (%.0f s per epoch)", fit, epochs,
+                                time.monotonic() - epoch_started)
                 epochs = fit
                 schedule.total_steps = steps_per_epoch * epochs  # the decay ends where the run will
             state.end_epoch(row, network.model, epochs=epochs, patience=settings.patience if parts.val else None)
-            _log_epoch(row, epochs)
-            if checkpoints is not None:
+            if ranks.is_main:
+                _log_epoch(row, epochs)
+            if checkpoints is not None and ranks.is_main:
                 save_checkpoint(checkpoints, state, run_fingerprint=run_fp, model=network.model, optimizer=optimizer,
                                 scheduler=scheduler, scaler=scaler)
         timings["train_seconds"] = time.perf_counter() - train_started
@@ -280,10 +326,12 @@ def train(parts: Parts, settings: FinetuneSettings, recipe: Recipe, *, out: Path
         "batch_size": settings.batch_size, "precision": precision, "classifier": network.classifier,
         "optimizer": "AdamW", "schedule": "linear warm-up + cosine", "label_smoothing": settings.label_smoothing,
         "hflip": settings.hflip, "epochs_run": len(state.history), "image_size": spec.preprocessing.crop_size,
+        "ranks": ranks.world,
     }
     return FinetuneResult(
         model=spec.name, case=recipe.case, classes=list(dataset.classes), n_train=len(parts.train),
         n_val=len(parts.val), n_test=len(parts.test.items) if parts.test is not None else 0, recipe=recipe_report,
         history=state.history, best_epoch=state.best_epoch, val_accuracy=state.best_val if parts.val else None,
         test_accuracy=test_accuracy, resumed_from_epoch=resumed_from, timings=timings, network=network.model.eval(),
+        rank=ranks.rank,
     )

@@ -10,6 +10,7 @@ validation split, calls the training loop and writes the outputs.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import os
 from pathlib import Path
@@ -20,6 +21,7 @@ from ..files import write_text
 from ..saved import save_finetuned
 from ..settings import ExtractSettings, FinetuneSettings, PlanSettings, with_overrides
 from .loop import FinetuneResult, Parts, Recipe, train
+from .parallel import Ranks, data_parallel
 from .surgery import CASE_FREEZE
 
 __all__ = ["finetune", "decide_recipe", "validation_split", "write_outputs", "FinetuneResult"]
@@ -43,6 +45,15 @@ def decide_recipe(settings: FinetuneSettings, training_part: Dataset) -> Recipe:
     if settings.freeze is not None:
         return Recipe(None if case == "auto" else int(case), settings.freeze)
     return Recipe(int(case), CASE_FREEZE[case])
+
+
+def _agreed_recipe(settings: FinetuneSettings, training_part: Dataset, ranks: Ranks) -> Recipe:
+    """The recipe, the same on every rank: where the case is measured, rank 0 measures it
+    and tells the others."""
+    if ranks.world == 1 or settings.case != "auto" or settings.freeze is not None or settings.from_scratch:
+        return decide_recipe(settings, training_part)
+    case = ranks.broadcast(decide_recipe(settings, training_part).case if ranks.is_main else 0)
+    return decide_recipe(dataclasses.replace(settings, case=str(case)), training_part)
 
 
 def validation_split(training: Dataset, settings: FinetuneSettings) -> tuple[list[int], list[int]]:
@@ -81,18 +92,25 @@ def finetune(data, settings: FinetuneSettings | None = None, *, test=None, out: 
     deadline : float, optional
         A ``time.monotonic()`` value: after the first epoch, only the epochs that fit
         before it are run (see :func:`tlp.finetuning.loop.train`).
+
+    Under ``torchrun`` (or in an ``srun`` step) each process is one rank of a
+    data-parallel run (:mod:`tlp.finetuning.parallel`): ``batch_size`` is per rank, and
+    rank 0 alone writes ``out``; every rank returns the result.
     """
     settings = with_overrides(settings or FinetuneSettings(), overrides, "finetune()").validated()
     dataset = as_dataset(data, on_error=settings.on_error)
     training, test_part = split(dataset, test, settings.seed, on_error=settings.on_error)
     require_classes(training)
     parts = _parts(training, test_part, settings)
-    recipe = decide_recipe(settings, training)
     out = Path(out) if out is not None else None
-    result = train(parts, settings, recipe, out=out, deadline=deadline)
-    if out is not None:
-        result.out = out
-        write_outputs(out, result, settings)
+    with data_parallel(settings.device) as ranks:
+        recipe = _agreed_recipe(settings, training, ranks)
+        result = train(parts, settings, recipe, out=out, deadline=deadline, ranks=ranks)
+        if out is not None:
+            result.out = out
+            if ranks.is_main:
+                write_outputs(out, result, settings)
+            ranks.barrier()  # the outputs are there when any rank returns
     return result
 
 
