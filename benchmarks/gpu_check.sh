@@ -15,8 +15,11 @@
 #      one GPU of the global batch).
 #   4. benchmark: benchmarks/extract.py --device cuda --batch-size 256 on 1,024 small
 #      photos (the limit for fp32/bf16/fp16, the naive script, tlp cold and warm).
+#   5. scale-out, with 2+ GPUs: benchmarks/scale.py --device cuda on 1,024 photos (one GPU
+#      against 2 torchrun ranks, one GPU each; assembly of 50,000 rows).
 # Output: OUT/gpu_check.json (every step's seconds, status and figures), OUT/gpu_check.log
-# (everything printed) and OUT/extract_cuda.json (the benchmark's own report).
+# (everything printed), OUT/extract_cuda.json (the benchmark's own report) and, with 2+
+# GPUs, OUT/scale_cuda.json.
 #
 # --dry-run prints what each step would run and runs the CPU part here: the gpu tests
 # (collected, skipped without CUDA) and the benchmark at a tiny size on the CPU, through
@@ -143,6 +146,19 @@ EOF
 )
 FIGURES=${FIGURES:-"{}"}
 step_json benchmark "$STEP_STATUS" "$STEP_SECONDS" "\"figures\": $FIGURES"
+
+# ----------------------------------------------------------------------------- 5. scale-out (2+ GPUs)
+# Sharded extraction on 2 GPUs against one (benchmarks/scale.py, issue 12's first GPU figure).
+SCALE=(--device cuda --n-images 1024 --repeats 1 --assemble-rows 50000)
+if [ $DRY_RUN -eq 1 ]; then
+    say "dry run: with 2+ GPUs would run benchmarks/scale.py ${SCALE[*]}"
+    step_json scale "skipped (dry run)" 0
+elif [ "$GPUS" -ge 2 ]; then
+    run_step scale 150 "$PY" benchmarks/scale.py "${SCALE[@]}" --json "$OUT/scale_cuda.json"
+    step_json scale "$STEP_STATUS" "$STEP_SECONDS"
+else
+    step_json scale "skipped (needs 2 GPUs)" 0
+fi
 
 # ----------------------------------------------------------------------------- report
 TOTAL=$(( $(date +%s) - STARTED ))

@@ -111,9 +111,21 @@ def _sweep_summary(result) -> str:
     ])
 
 
+def _one_process(verb: str) -> None:
+    """``verb`` runs as one process: started as a launcher's rank, every copy would repeat
+    the whole of it and write the same outputs."""
+    from .launch import launcher_shard
+
+    shard = launcher_shard()
+    if shard is not None:
+        raise TlpInputError(f"tlp {verb} runs as one process, not as rank {shard} of a launch: run `tlp extract` "
+                            f"(and `tlp finetune`) under torchrun/srun, then `tlp {verb}` once; it reuses the cache")
+
+
 def sweep(args) -> int:
     from ._sweep import sweep as run_sweep
 
+    _one_process("sweep")
     result = run_sweep(args.data, _settings(args, SweepSettings), test=parse_test(args.test), out=args.out,
                        extraction=_settings(args, ExtractSettings))
     return _finish(args, result.to_report(), _sweep_summary(result))
@@ -183,6 +195,7 @@ def _run(args, data, test, options: dict) -> int:
 def run(args) -> int:
     from ._run import RUN_SETTINGS
 
+    _one_process("run")
     return _run(args, args.data, parse_test(args.test), _values(args, RUN_SETTINGS))
 
 

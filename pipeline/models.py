@@ -19,6 +19,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Callable
 
 import torch
@@ -109,7 +110,7 @@ class ModelSpec:
     weights_id: str  # "IMAGENET1K_V2", "none" (seeded random init) or "file:<name>"
     weights_path: Path | None  # file holding the weights; None for random init
     preprocessing: Preprocessing
-    categories: tuple[str, ...] | None  # class names of the pretrained head (ImageNet)
+    categories: Sequence[str] | None  # class names of the pretrained head (ImageNet)
     _builder: Callable[[], nn.Module] = field(repr=False, compare=False, default=None)
     _state_mapper: Callable[[nn.Module, dict], dict] | None = field(
         repr=False, compare=False, default=None
@@ -219,11 +220,33 @@ def _user_weights(weights) -> tuple[str, Path | None] | None:
     return f"file:{path.name}", path.resolve()
 
 
+@functools.lru_cache(maxsize=1)
 def imagenet_categories() -> tuple[str, ...]:
     """The 1,000 ImageNet class names, shipped with torchvision (no download)."""
     from torchvision.models import ResNet50_Weights
 
     return tuple(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+class ImageNetCategories(Sequence):
+    """The 1,000 ImageNet class names of a timm or embedded network's head, read from
+    torchvision only when a name is needed: importing torchvision costs about 1.5 s,
+    which a warm cache hit (or a sweep of cached features) would pay for nothing."""
+
+    def __len__(self) -> int:
+        return 1000
+
+    def __getitem__(self, index):
+        return imagenet_categories()[index]
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ImageNetCategories) or (isinstance(other, tuple) and other == imagenet_categories())
+
+    def __hash__(self) -> int:
+        return hash("imagenet-1k categories")
+
+    def __repr__(self) -> str:
+        return "ImageNetCategories()"
 
 
 def _timm_builder(arch: str) -> Callable[[], nn.Module]:
@@ -290,7 +313,7 @@ def _resolve_embedded(name: str, weights) -> ModelSpec:
             mean=(0.5, 0.5, 0.5),
             std=(0.5, 0.5, 0.5),
         ),
-        categories=imagenet_categories(),
+        categories=ImageNetCategories(),
         _builder=_timm_builder(arch),
         _state_mapper=functools.partial(_map_by_position, name, network.package) if weights_id == "IMAGENET1K" else None,
     )
@@ -430,6 +453,6 @@ def _resolve_timm(name: str, weights, download: bool) -> ModelSpec:
             mean=tuple(float(v) for v in config["mean"]),
             std=tuple(float(v) for v in config["std"]),
         ),
-        categories=imagenet_categories() if config.get("num_classes") == 1000 else None,
+        categories=ImageNetCategories() if config.get("num_classes") == 1000 else None,
         _builder=_timm_builder(arch),
     )

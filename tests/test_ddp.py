@@ -152,3 +152,14 @@ def test_ranks_without_a_rendezvous_address_are_one_line_exit_2(data, monkeypatc
     assert main(["finetune", str(data), "--image-size", "64", "--epochs", "1", "--case", "4", "-q"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "rank 1 of 2" in err and "MASTER_ADDR" in err and "srun" in err
+
+
+@pytest.mark.parametrize("verb", ["run", "sweep"])
+def test_verbs_that_run_as_one_process_refuse_to_be_ranks(data, verb, monkeypatch, capsys):
+    from tlp.cli import main
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main([verb, str(data), "--image-size", "64", "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "rank 1/2" in err and "tlp extract" in err

@@ -208,7 +208,8 @@ def test_decoding_strategy_does_not_change_numbers(image_folder, tmp_path):
 
 
 def test_warm_hit_builds_no_network(image_folder, cache_dir):
-    """A new process finds the features cached and never builds (or imports) a network."""
+    """A new process finds the features cached and never builds (or imports) a network,
+    nor timm or torchvision (importing them costs seconds a cache hit does not need)."""
     import subprocess
     import sys
 
@@ -220,6 +221,7 @@ def test_warm_hit_builds_no_network(image_folder, cache_dir):
         f"again = tlp.extract({str(image_folder)!r}, cache_dir={str(cache_dir)!r}, image_size=64, batch_size=8, "
         "progress=False)\n"
         f"assert again.key == {first.key!r} and again.n_extracted == 0, again\n"
+        "assert not {'timm', 'torchvision'} & set(sys.modules), 'a cache hit imported timm or torchvision'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
