@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/finetune.py --json benchmarks/results/finetune.json
 	$(PY) benchmarks/assemble_memory.py --json benchmarks/results/assemble_memory.json
 	$(PY) benchmarks/scale.py --json benchmarks/results/scale.json
+	$(PY) benchmarks/startup.py --json benchmarks/results/startup.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

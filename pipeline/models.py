@@ -19,12 +19,12 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Callable
 
 import torch
 from torch import nn
 
+from .categories import ImageNetCategories, imagenet_categories
 from .errors import TlpInputError
 from .families import family_for
 from .files import file_sha256
@@ -110,7 +110,7 @@ class ModelSpec:
     weights_id: str  # "IMAGENET1K_V2", "none" (seeded random init) or "file:<name>"
     weights_path: Path | None  # file holding the weights; None for random init
     preprocessing: Preprocessing
-    categories: Sequence[str] | None  # class names of the pretrained head (ImageNet)
+    categories: tuple[str, ...] | ImageNetCategories | None  # class names of the pretrained head (ImageNet)
     _builder: Callable[[], nn.Module] = field(repr=False, compare=False, default=None)
     _state_mapper: Callable[[nn.Module, dict], dict] | None = field(
         repr=False, compare=False, default=None
@@ -218,35 +218,6 @@ def _user_weights(weights) -> tuple[str, Path | None] | None:
             "or --weights none for random initialisation"
         )
     return f"file:{path.name}", path.resolve()
-
-
-@functools.lru_cache(maxsize=1)
-def imagenet_categories() -> tuple[str, ...]:
-    """The 1,000 ImageNet class names, shipped with torchvision (no download)."""
-    from torchvision.models import ResNet50_Weights
-
-    return tuple(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
-
-
-class ImageNetCategories(Sequence):
-    """The 1,000 ImageNet class names of a timm or embedded network's head, read from
-    torchvision only when a name is needed: importing torchvision costs about 1.5 s,
-    which a warm cache hit (or a sweep of cached features) would pay for nothing."""
-
-    def __len__(self) -> int:
-        return 1000
-
-    def __getitem__(self, index):
-        return imagenet_categories()[index]
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, ImageNetCategories) or (isinstance(other, tuple) and other == imagenet_categories())
-
-    def __hash__(self) -> int:
-        return hash("imagenet-1k categories")
-
-    def __repr__(self) -> str:
-        return "ImageNetCategories()"
 
 
 def _timm_builder(arch: str) -> Callable[[], nn.Module]:
