@@ -34,7 +34,7 @@ class ImageNetCategories(Sequence):
         return imagenet_categories()[index]
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, ImageNetCategories) or (isinstance(other, tuple) and other == imagenet_categories())
+        return isinstance(other, ImageNetCategories)
 
     def __hash__(self) -> int:
         return hash("imagenet-1k categories")
