@@ -23,7 +23,8 @@ from ..forward import stack_channels_last
 from ..models import Preprocessing
 from ..preprocess import load_pixels
 
-__all__ = ["DecodedImages", "augment", "dropout_seed", "epoch_order", "training_batches", "DECODED_MEMORY_BUDGET"]
+__all__ = ["DecodedImages", "augment", "dropout_seed", "epoch_order", "global_batches", "training_batches",
+           "DECODED_MEMORY_BUDGET"]
 
 DECODED_MEMORY_BUDGET = 2 << 30  # bytes of decoded training images kept between epochs
 
@@ -135,7 +136,7 @@ def _collate(samples):
     return stack_channels_last([s[0] for s in samples]), torch.as_tensor([s[1] for s in samples], dtype=torch.long)
 
 
-def _global_batches(order: list[int], batch_size: int, ranks) -> Iterator[list[int]]:
+def global_batches(order, batch_size: int, ranks) -> Iterator:
     """The epoch's global batches of ``ranks.world * batch_size`` positions in ``order``;
     a last one smaller than ``ranks.smallest_batch`` is dropped."""
     size = batch_size * ranks.world
@@ -156,7 +157,7 @@ def training_batches(images: DecodedImages, labels: np.ndarray, positions: list[
     threads between steps (``workers=0``, the CPU default: the training step already
     uses every core) or by DataLoader workers."""
     order = [positions[i] for i in epoch_order(len(positions), settings.seed, epoch)]
-    batches = list(_global_batches(order, settings.batch_size, ranks))
+    batches = list(global_batches(order, settings.batch_size, ranks))
     parts = [ranks.part(batch) for batch in batches]
     sample = _Augmented(images, labels, settings, epoch)
     if workers:

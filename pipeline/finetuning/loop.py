@@ -28,7 +28,7 @@ from ..forward import Forward
 from ..models import resolve_model
 from ..preprocess import normalize
 from ..settings import FinetuneSettings, key_entries
-from .augment import DecodedImages, dropout_seed, training_batches
+from .augment import DecodedImages, dropout_seed, global_batches, training_batches
 from .parallel import Ranks, synced_norms, wrap_data_parallel
 from .state import CHECKPOINT_DIR, resume, save_checkpoint
 from .surgery import Network, prepare_network
@@ -177,7 +177,7 @@ def _train_epoch(run: _Run, positions: list[int], epoch: int) -> dict:
             with autocast(run.device, run.precision):
                 logits = run.step_model(inputs)
             loss = run.criterion(logits.float(), targets)
-            weighted = loss * ranks.share(len(targets), batch_size) if ranks.world > 1 else loss
+            weighted = loss * ranks.share(len(targets), batch_size)  # 1.0 in one process
             run.optimizer.zero_grad(set_to_none=True)
             if run.scaler is None:
                 weighted.backward()
@@ -220,10 +220,8 @@ def _log_epoch(row: dict, epochs: int) -> None:
 
 
 def _steps_per_epoch(n_train: int, batch_size: int, ranks: Ranks) -> int:
-    """Optimiser steps in an epoch: global batches of ``world * batch_size`` images, the
-    last one kept when it has at least ``ranks.smallest_batch``."""
-    size = batch_size * ranks.world
-    return max(1, n_train // size + (n_train % size >= ranks.smallest_batch))
+    """Optimiser steps in an epoch: one per global batch that training_batches yields."""
+    return max(1, sum(1 for _ in global_batches(range(n_train), batch_size, ranks)))
 
 
 def _resume(ranks: Ranks, out: Path | None, settings: FinetuneSettings, run_fp: str, **trained) -> tuple:
@@ -232,9 +230,9 @@ def _resume(ranks: Ranks, out: Path | None, settings: FinetuneSettings, run_fp: 
     usable checkpoint; ranks that find different ones (``--out`` not on a filesystem they
     all see) are refused."""
     checkpoints = out / CHECKPOINT_DIR if out is not None else None
-    if out is not None and ranks.is_main:  # what killed runs left mid-write (their pid is dead)
-        remove_orphans(out, ".*.tmp.*", f"{CHECKPOINT_DIR}/.*.tmp.*")
     if ranks.is_main:
+        if out is not None:  # what killed runs left mid-write (their pid is dead)
+            remove_orphans(out, ".*.tmp.*", f"{CHECKPOINT_DIR}/.*.tmp.*")
         state, resumed_from = resume(checkpoints, restart=settings.restart, run_fingerprint=run_fp, **trained)
     ranks.barrier()
     if not ranks.is_main:
