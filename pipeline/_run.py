@@ -14,10 +14,11 @@ based on ever sees the test part. The steps:
 5. **fine-tuning**, when the data is not small (median >= ``--finetune-per-class``, 100),
    the frozen winner leaves room (CV below :data:`ROOM`) and a first estimate says at
    least :data:`MIN_EPOCHS` epochs fit the rest of ``--budget``: the recipe of the
-   measured case (:func:`tlp.plan.finetune_candidate`), stopped at the epoch that would
-   end past the budget. The frozen winner is refit on the same training positions and
-   scored on the same validation images as the fine-tuned network; the higher validation
-   accuracy wins (the frozen winner on a tie).
+   measured case (:func:`tlp.plan.finetune_candidate`; small, different data trains the
+   whole network when all its epochs are estimated to fit, else the first third stays
+   frozen), stopped at the epoch that would end past the budget. The frozen winner is
+   refit on the same training positions and scored on the same validation images as the
+   fine-tuned network; the higher validation accuracy wins (the frozen winner on a tie).
 
 The report's ``evidence.candidates`` lists every recipe tried or skipped, with its
 validation score and seconds; ``recipe.why`` says why the winner won.
@@ -38,7 +39,7 @@ from .dataset import Dataset
 from .plan import DIFFERENT_LAYERS, PARTNERS, SIMILAR_LAYERS, Advice, advise, finetune_candidate
 from .settings import ExtractSettings, FinetuneSettings, PlanSettings, SweepSettings, route_options
 
-__all__ = ["RunOutcome", "run", "RUN_SETTINGS", "ROOM", "MIN_EPOCHS"]
+__all__ = ["RunOutcome", "run", "RUN_SETTINGS", "ROOM", "MIN_EPOCHS", "TRAIN_STEP_COST", "WHOLE_NETWORK_COST"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +49,14 @@ RUN_SETTINGS = (ExtractSettings, SweepSettings, PlanSettings, FinetuneSettings)
 ROOM = 0.995
 # Fine-tuning is started only if this many epochs are estimated to fit the budget.
 MIN_EPOCHS = 3
-# A training step (forward, backward, update) costs about this many forward passes (the
-# rule of thumb for CNNs; measured 2.5-3.5x with efficientnet_lite0 on 2 cores).
+# A training step (forward, backward, update) costs about this many forward passes per
+# image with the first third or more frozen (the rule of thumb for CNNs; measured
+# 2.5-3.5x with efficientnet_lite0 on 2 cores) ...
 TRAIN_STEP_COST = 3.0
+# ... and training the whole network this many times that: the backward pass then runs
+# through the early, high-resolution layers too (sign digits, lite0 at 224 px: about 53
+# against 34 s per epoch).
+WHOLE_NETWORK_COST = 1.6
 # The second network's extraction costs about this many of the first's per image
 # (efficientnet_lite2 at 260 px against lite0 at 224: 2.3x the multiply-adds).
 PARTNER_COST = 2.5
@@ -154,7 +160,7 @@ def run(data, *, test=None, out: str | Path | None = None, say: Callable[[str], 
     tuned = _try_finetune(frozen, training, test_part, advice, tuning, routed, planning, candidates, deadline,
                           out, tell)
     if tuned is not None:
-        tuned_result, kept["validation_accuracy"] = tuned  # both scored on the same validation images
+        tuned_result, kept["validation_accuracy"], tuned_settings = tuned  # both on the same validation images
         timings["finetune_stage_seconds"] = time.monotonic() - mark
         if tuned_result.val_accuracy > kept["validation_accuracy"]:
             stage, result = "finetune", tuned_result
@@ -164,7 +170,7 @@ def run(data, *, test=None, out: str | Path | None = None, say: Callable[[str], 
             if out is not None:
                 from .finetuning.stage import write_outputs
 
-                write_outputs(Path(out), tuned_result, _tuning_settings(tuning, routed, advice))
+                write_outputs(Path(out), tuned_result, tuned_settings)
         else:
             why += (f"; on the same {tuned_result.n_val} validation images it scored "
                     f"{kept['validation_accuracy']:.4f}, fine-tuning {tuned_result.val_accuracy:.4f}")
@@ -259,24 +265,42 @@ def _extraction_estimate(advice: Advice, training: Dataset, test_part, cost: flo
 
 
 # ----------------------------------------------------------------------------- fine-tuning
-def _tuning_settings(tuning: FinetuneSettings, routed, advice: Advice) -> FinetuneSettings:
-    """The fine-tuning settings of the measured case (the user's own --freeze wins)."""
+def _tuning_settings(tuning: FinetuneSettings, routed, candidate: dict, advice: Advice) -> FinetuneSettings:
+    """The fine-tuning settings of the measured case and ``candidate`` recipe (the
+    user's own --freeze wins)."""
     fields = dict(routed[FinetuneSettings])
     if fields.get("freeze") is None and not fields.get("from_scratch"):
-        fields["freeze"] = finetune_candidate(advice)["freeze"]
+        fields["freeze"] = candidate["freeze"]
     if str(fields.get("case", "auto")) == "auto" and advice.case in (3, 4):
         fields["case"] = str(advice.case)
     return dataclasses.replace(tuning, **fields).validated()
 
 
+def _choose_recipe(frozen, advice: Advice, tuning, routed, n_images: int, left: float):
+    """The recipe to fine-tune with, its settings and its estimated seconds per epoch:
+    small, different data trains the whole network when its epochs are estimated to
+    fit the ``left`` seconds, otherwise the first third stays frozen."""
+    whole = finetune_candidate(advice, whole_network_fits=True)
+    settings = _tuning_settings(tuning, routed, whole, advice)
+    estimate = _epoch_estimate(frozen, advice, settings, n_images)
+    user_freeze = routed[FinetuneSettings].get("freeze") is not None
+    if whole["kind"] == "different" and not user_freeze and estimate is not None and \
+            settings.epochs * estimate > left:
+        partial = finetune_candidate(advice, whole_network_fits=False)
+        settings = _tuning_settings(tuning, routed, partial, advice)
+        return partial, settings, _epoch_estimate(frozen, advice, settings, n_images)
+    return whole, settings, estimate
+
+
 def _try_finetune(frozen, training: Dataset, test_part, advice: Advice, tuning, routed, planning: PlanSettings,
                   candidates, deadline, out, tell):
     """Fine-tune where it may pay and fits; (result, the frozen winner's validation
-    accuracy on the same images), or None when skipped (the reason is in ``candidates``)."""
+    accuracy on the same images, the settings it trained with), or None when skipped
+    (the reason is in ``candidates``)."""
     from .finetuning.stage import finetune, validation_split
 
-    settings = _tuning_settings(tuning, routed, advice)
-    candidate = finetune_candidate(advice)
+    left = deadline - time.monotonic()
+    candidate, settings, estimate = _choose_recipe(frozen, advice, tuning, routed, len(training.items), left)
     entry = {"recipe": "fine-tune", "freeze": settings.freeze, "why": candidate["why"]}
     median = advice.evidence["size"]["median_per_class"]
     reason = None
@@ -288,8 +312,6 @@ def _try_finetune(frozen, training: Dataset, test_part, advice: Advice, tuning, 
     elif settings.val <= 0:
         reason = "--val 0: no validation images to compare the recipes on"
     else:
-        estimate = _epoch_estimate(frozen, advice, settings, len(training.items))
-        left = deadline - time.monotonic()
         if left <= 0:
             reason = "--budget is spent"
         elif estimate is not None and MIN_EPOCHS * estimate > left:
@@ -311,14 +333,15 @@ def _try_finetune(frozen, training: Dataset, test_part, advice: Advice, tuning, 
                        "seconds": round(time.monotonic() - mark, 2)})
     tell(f"  fine-tune (freeze {settings.freeze:g}): validation {result.val_accuracy:.4f}, frozen winner "
          f"{frozen_val:.4f} on the same {result.n_val} images")
-    return result, frozen_val
+    return result, frozen_val, settings
 
 
 def _epoch_estimate(frozen, advice: Advice, settings: FinetuneSettings, n_images: int) -> float | None:
     """Seconds per fine-tuning epoch, from this run's extraction speed (the planner's or
     the sweep's; None when every row came from the cache and nothing was timed):
-    :data:`TRAIN_STEP_COST` forward passes per training image, scaled by the pixel ratio
-    of the two resolutions."""
+    :data:`TRAIN_STEP_COST` forward passes per training image (times
+    :data:`WHOLE_NETWORK_COST` when nothing is frozen), scaled by the pixel ratio of the
+    two resolutions."""
     measured = advice.evidence["similarity"].get("extraction", {})
     speed, crop = measured.get("images_per_second"), measured.get("crop_size")
     extracted = frozen.extract
@@ -327,7 +350,9 @@ def _epoch_estimate(frozen, advice: Advice, settings: FinetuneSettings, n_images
     if not speed:
         return None
     ratio = ((settings.image_size or crop) / crop) ** 2
-    return n_images * (1 - settings.val) * TRAIN_STEP_COST * ratio / speed
+    whole = settings.freeze in (0, 0.0) or settings.from_scratch
+    cost = TRAIN_STEP_COST * (WHOLE_NETWORK_COST if whole else 1.0)
+    return n_images * (1 - settings.val) * cost * ratio / speed
 
 
 def _crop_of(extracted) -> int:

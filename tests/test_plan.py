@@ -114,3 +114,29 @@ def test_run_within_a_spent_budget_keeps_the_frozen_winner_and_says_why(tmp_path
     assert result["stage"] == "sweep" and frozen["cv_accuracy"] == result["best"]["cv_accuracy"]
     assert "budget" in flip["skipped"] and "budget" in tuned["skipped"]
     assert "budget" in partner["skipped"] or "installed" in partner["skipped"]
+
+
+def test_run_fine_tunes_small_different_data_end_to_end_when_its_epochs_fit(tmp_path, planner_cache):
+    report = tmp_path / "run.json"
+    assert main(["run", "digits", "--test", "0.8", "--image-size", "64", "--finetune-per-class", "10",
+                 "--epochs", "1", "--heads", "softmax", "--no-hflip", "--cache-dir", planner_cache,
+                 "--report", str(report), "--quiet"]) == 0
+    result = json.loads(report.read_text())
+    assert result["case"] == 2  # small (36 per class, large from 500) and different
+    tuned = result["evidence"]["candidates"][-1]
+    assert tuned["recipe"] == "fine-tune" and tuned["freeze"] == 0.0 and tuned["epochs_run"] == 1
+    assert "whole network's epochs fit" in tuned["why"]
+
+
+def test_small_different_data_keeps_the_first_third_frozen_when_the_whole_network_does_not_fit():
+    from tlp.plan import Advice, finetune_candidate
+
+    def advice(large: bool, similar: bool) -> Advice:
+        return Advice(case=0, recipe={}, evidence={"size": {"large": large}, "similarity": {"similar": similar}})
+
+    short = finetune_candidate(advice(False, False), whole_network_fits=False)
+    assert short["freeze"] == 0.3333 and "first third frozen" in short["why"]
+    assert finetune_candidate(advice(False, False))["freeze"] == 0.0
+    # The budget decides only for small, different data.
+    assert finetune_candidate(advice(True, False), whole_network_fits=False)["freeze"] == 0.0
+    assert finetune_candidate(advice(False, True), whole_network_fits=False)["freeze"] == 0.7
