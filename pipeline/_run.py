@@ -289,6 +289,9 @@ def _choose_recipe(frozen, advice: Advice, tuning, routed, n_images: int, left: 
         partial = finetune_candidate(advice, whole_network_fits=False)
         settings = _tuning_settings(tuning, routed, partial, advice)
         return partial, settings, _epoch_estimate(frozen, advice, settings, n_images)
+    if whole["kind"] == "different" and estimate is None:  # every row came from the cache: nothing timed
+        whole = {**whole, "why": "small, different data: every layer trains, pretrained layers at the smaller "
+                                 "rate (nothing was timed to estimate an epoch; the budget still stops the run)"}
     return whole, settings, estimate
 
 
