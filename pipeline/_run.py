@@ -280,19 +280,18 @@ def _choose_recipe(frozen, advice: Advice, tuning, routed, n_images: int, left: 
     """The recipe to fine-tune with, its settings and its estimated seconds per epoch:
     small, different data trains the whole network when its epochs are estimated to
     fit the ``left`` seconds, otherwise the first third stays frozen."""
-    whole = finetune_candidate(advice, whole_network_fits=True)
-    settings = _tuning_settings(tuning, routed, whole, advice)
+    candidate = finetune_candidate(advice)
+    settings = _tuning_settings(tuning, routed, candidate, advice)
     estimate = _epoch_estimate(frozen, advice, settings, n_images)
-    user_freeze = routed[FinetuneSettings].get("freeze") is not None
-    if whole["kind"] == "different" and not user_freeze and estimate is not None and \
-            settings.epochs * estimate > left:
-        partial = finetune_candidate(advice, whole_network_fits=False)
-        settings = _tuning_settings(tuning, routed, partial, advice)
-        return partial, settings, _epoch_estimate(frozen, advice, settings, n_images)
-    if whole["kind"] == "different" and estimate is None:  # every row came from the cache: nothing timed
-        whole = {**whole, "why": "small, different data: every layer trains, pretrained layers at the smaller "
-                                 "rate (nothing was timed to estimate an epoch; the budget still stops the run)"}
-    return whole, settings, estimate
+    user_choice = routed[FinetuneSettings].get("freeze") is not None or settings.from_scratch
+    if candidate["kind"] != "different" or user_choice:
+        return candidate, settings, estimate  # the budget decides nothing here
+    fits = None if estimate is None else settings.epochs * estimate <= left
+    candidate = finetune_candidate(advice, whole_network_fits=fits)
+    if fits is False:
+        settings = _tuning_settings(tuning, routed, candidate, advice)
+        estimate = _epoch_estimate(frozen, advice, settings, n_images)
+    return candidate, settings, estimate
 
 
 def _try_finetune(frozen, training: Dataset, test_part, advice: Advice, tuning, routed, planning: PlanSettings,
@@ -353,7 +352,7 @@ def _epoch_estimate(frozen, advice: Advice, settings: FinetuneSettings, n_images
     if not speed:
         return None
     ratio = ((settings.image_size or crop) / crop) ** 2
-    whole = settings.freeze in (0, 0.0) or settings.from_scratch
+    whole = settings.freeze == 0 or settings.from_scratch
     cost = TRAIN_STEP_COST * (WHOLE_NETWORK_COST if whole else 1.0)
     return n_images * (1 - settings.val) * cost * ratio / speed
 

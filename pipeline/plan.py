@@ -99,14 +99,17 @@ PARTNERS = {"efficientnet_lite0": "efficientnet_lite2", "efficientnet_lite1": "e
             "efficientnet_lite2": "efficientnet_lite0"}
 
 
-def finetune_candidate(advice: "Advice", whole_network_fits: bool = True) -> dict:
+def finetune_candidate(advice: "Advice", whole_network_fits: bool | None = True) -> dict:
     """The fine-tuning recipe `tlp run` measures for the advised case: freeze and why.
-    ``whole_network_fits`` says whether the whole network's epochs fit the budget (it
-    decides small, different data's recipe)."""
+    ``whole_network_fits`` says whether the whole network's epochs fit the budget (None:
+    nothing was timed to say); it decides small, different data's recipe."""
     if advice.evidence["size"]["large"]:
         kind, why = "large", "large data: the whole network trains, pretrained layers at the smaller rate"
     elif advice.evidence["similarity"]["similar"]:
         kind, why = "similar", "small, similar data: the last stages train, the first 70% stay frozen"
+    elif whole_network_fits is None:
+        kind, why = "different", ("small, different data: every layer trains, pretrained layers at the smaller "
+                                  "rate (nothing was timed to estimate an epoch; the budget still stops the run)")
     elif whole_network_fits:
         kind, why = "different", ("small, different data, and the whole network's epochs fit --budget: every "
                                   "layer trains, pretrained layers at the smaller rate")
