@@ -332,6 +332,7 @@ def _try_finetune(frozen, training: Dataset, test_part, advice: Advice, tuning, 
                                          [training.items[i].path for i in val_positions], seed=settings.seed)
     candidates.append({**entry, "validation_accuracy": result.val_accuracy, "best_epoch": result.best_epoch,
                        "epochs_run": len(result.history), "image_size": result.recipe.get("image_size"),
+                       "train_size": result.recipe.get("train_size"),
                        "seconds": round(time.monotonic() - mark, 2)})
     tell(f"  fine-tune (freeze {settings.freeze:g}): validation {result.val_accuracy:.4f}, frozen winner "
          f"{frozen_val:.4f} on the same {result.n_val} images")
@@ -351,7 +352,7 @@ def _epoch_estimate(frozen, advice: Advice, settings: FinetuneSettings, n_images
         speed, crop = extracted.images_per_second, _crop_of(extracted)
     if not speed:
         return None
-    ratio = ((settings.image_size or crop) / crop) ** 2
+    ratio = ((settings.train_size or settings.image_size or crop) / crop) ** 2
     whole = settings.freeze == 0 or settings.from_scratch
     cost = TRAIN_STEP_COST * (WHOLE_NETWORK_COST if whole else 1.0)
     return n_images * (1 - settings.val) * cost * ratio / speed

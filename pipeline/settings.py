@@ -383,6 +383,10 @@ class FinetuneSettings(ModelOptions):
                            help="stop after N epochs without a better validation accuracy")
     label_smoothing: float = option(0.1, key="label_smoothing", group="fine-tuning", metavar="S",
                                     help="label smoothing of the cross-entropy loss")
+    train_size: int | None = option(None, key="train_size", group="fine-tuning", metavar="N", parse=positive_int,
+                                    help="side of the training crops (None: the evaluation crop, --image-size); "
+                                         "smaller trains faster, while validation, test and the saved model stay at "
+                                         "the evaluation crop")
     min_scale: float = option(0.35, key="min_scale", group="fine-tuning", metavar="A",
                               help="smallest area of the random resized crop, as a fraction of the image")
     hflip: bool = option(True, key="hflip", group="fine-tuning", help="random horizontal flips in training",
@@ -410,6 +414,8 @@ class FinetuneSettings(ModelOptions):
             (settings.batch_size >= 2, f"--batch-size must be at least 2 for BatchNorm, got {settings.batch_size}"),
             (0 <= settings.val < 1, f"--val must be in [0, 1), got {settings.val}"),
             (0 < settings.min_scale <= 1, f"--min-scale must be in (0, 1], got {settings.min_scale}"),
+            (settings.train_size is None or settings.train_size <= MAX_IMAGE_SIZE,
+             f"--train-size must be at most {MAX_IMAGE_SIZE}, got {settings.train_size}"),
         ]
         for ok, message in checks:
             _check(ok, message)

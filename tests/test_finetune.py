@@ -213,3 +213,42 @@ def test_a_bad_budget_exits_2_on_one_line(image_folder, budget, capsys):
     assert main(["run", str(image_folder), "--budget", budget]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--budget" in err, err
+
+
+def test_training_crops_smaller_than_the_evaluation_crop(image_folder, tmp_path):
+    """--train-size 48 trains on 48-pixel crops; validation, the saved model and predict
+    stay at the 64-pixel evaluation crop, and a run that trains at the evaluation size
+    keeps the checkpoints of runs that never named --train-size."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tlp.data import as_dataset
+    from tlp.finetuning.augment import DecodedImages, training_batches
+    from tlp.finetuning.parallel import Ranks
+    from tlp.settings import FinetuneSettings
+
+    dataset = as_dataset(str(image_folder))
+    settings = FinetuneSettings(train_size=48, **SMALL)
+    images = DecodedImages(dataset, resolve_model("efficientnet_lite0", image_size=64).preprocessing)
+    with ThreadPoolExecutor(2) as pool:
+        pixels, _, _ = next(training_batches(images, dataset.labels, list(range(len(dataset.items))), settings, 1,
+                                             workers=0, pool=pool, ranks=Ranks()))
+    assert tuple(pixels.shape[1:]) == (3, 48, 48)
+
+    out = tmp_path / "ft"
+    args = ["finetune", str(image_folder), "--case", "4", "--image-size", "64", "--batch-size", "8", "--epochs", "1",
+            "--precision", "fp32", "--val", "0.25", "--out", str(out), "--quiet"]
+    report = tmp_path / "small.json"
+    assert main(args + ["--train-size", "48", "--report", str(report)]) == 0
+    recipe = json.loads(report.read_text())["recipe"]
+    assert (recipe["train_size"], recipe["image_size"]) == (48, 64)
+    assert json.loads((out / "model.json").read_text())["preprocessing"]["crop_size"] == 64
+    image = str(sorted((image_folder / "owl").iterdir())[0])
+    assert main(["predict", str(out), image, "--out", str(tmp_path / "p.csv")]) == 0
+
+    small = torch.load(_weights_file(out), weights_only=True)
+    plain = tmp_path / "plain.json"
+    assert main(args + ["--restart", "--report", str(plain)]) == 0  # the evaluation size: other weights
+    assert not torch.equal(small["conv_stem.weight"], torch.load(_weights_file(out), weights_only=True)["conv_stem.weight"])
+    again = tmp_path / "again.json"
+    assert main(args + ["--train-size", "64", "--report", str(again)]) == 0
+    assert json.loads(again.read_text())["resumed_from_epoch"] == 1

@@ -23,7 +23,7 @@ from ..forward import stack_channels_last
 from ..models import Preprocessing
 from ..preprocess import load_pixels
 
-__all__ = ["DecodedImages", "augment", "dropout_seed", "epoch_order", "global_batches", "training_batches",
+__all__ = ["DecodedImages", "augment", "training_crop", "dropout_seed", "epoch_order", "global_batches", "training_batches",
            "DECODED_MEMORY_BUDGET"]
 
 DECODED_MEMORY_BUDGET = 2 << 30  # bytes of decoded training images kept between epochs
@@ -98,6 +98,13 @@ def augment(base: torch.Tensor, crop_size: int, generator: torch.Generator, min_
     return pixels.flip(-1) if flip else pixels
 
 
+def training_crop(settings, prep: Preprocessing) -> int:
+    """The side of the training crops: ``settings.train_size``, else the evaluation crop.
+    A training step costs about the square of the side, and the convolutions run at any
+    size, so a network can train on smaller crops than it is validated and saved at."""
+    return settings.train_size or prep.crop_size
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The seeded shuffle of ``n`` training positions for one epoch."""
     generator = torch.Generator().manual_seed(_sample_seed(seed, epoch, -1))
@@ -110,13 +117,14 @@ class _Augmented:
 
     def __init__(self, images: DecodedImages, labels: np.ndarray, settings, epoch: int):
         self.images, self.labels, self.settings, self.epoch = images, labels, settings, epoch
+        self.crop_size = training_crop(settings, images.prep)
 
     def __call__(self, position: int):
         # Seeded by the image's position in the data set as scanned, so a training part
         # cut by --test trains exactly as before the part became a data set of its own.
         seed = _sample_seed(self.settings.seed, self.epoch, self.images.dataset.position(position))
         generator = torch.Generator().manual_seed(seed)
-        pixels = augment(self.images.base(position), self.images.prep.crop_size, generator,
+        pixels = augment(self.images.base(position), self.crop_size, generator,
                          self.settings.min_scale, self.settings.hflip)
         return pixels, int(self.labels[position])
 

@@ -28,7 +28,7 @@ from ..forward import Forward
 from ..models import resolve_model
 from ..preprocess import normalize
 from ..settings import FinetuneSettings, key_entries
-from .augment import DecodedImages, dropout_seed, global_batches, training_batches
+from .augment import DecodedImages, dropout_seed, global_batches, training_batches, training_crop
 from .parallel import Ranks, synced_norms, wrap_data_parallel
 from .state import CHECKPOINT_DIR, resume, save_checkpoint
 from .surgery import Network, prepare_network
@@ -273,7 +273,10 @@ def train(parts: Parts, settings: FinetuneSettings, recipe: Recipe, *, out: Path
     # What a checkpoint must match: the key fields of the settings, resolved, and the data.
     # (and, for several ranks, their number: it sets the global batch).
     entries = key_entries(settings, {"model": spec.identity(), "precision": precision, "device": device.type,
-                                     "freeze": recipe.freeze, **({"world": ranks.world} if ranks.world > 1 else {})})
+                                     "freeze": recipe.freeze, "train_size": training_crop(settings, spec.preprocessing),
+                                     **({"world": ranks.world} if ranks.world > 1 else {})})
+    if entries["train_size"] == spec.preprocessing.crop_size:
+        del entries["train_size"]  # training at the evaluation crop: the key of runs from before --train-size
     run_fp = fingerprint({"settings": entries, "data": dataset.identity(), "train": parts.train, "val": parts.val})
     checkpoints = out / CHECKPOINT_DIR if out is not None else None
     state, resumed_from = _resume(ranks, out, settings, run_fp, model=network.model, optimizer=optimizer,
@@ -324,7 +327,7 @@ def train(parts: Parts, settings: FinetuneSettings, recipe: Recipe, *, out: Path
         "batch_size": settings.batch_size, "precision": precision, "classifier": network.classifier,
         "optimizer": "AdamW", "schedule": "linear warm-up + cosine", "label_smoothing": settings.label_smoothing,
         "hflip": settings.hflip, "epochs_run": len(state.history), "image_size": spec.preprocessing.crop_size,
-        "ranks": ranks.world,
+        "train_size": training_crop(settings, spec.preprocessing), "ranks": ranks.world,
     }
     return FinetuneResult(
         model=spec.name, case=recipe.case, classes=list(dataset.classes), n_train=len(parts.train),
