@@ -344,7 +344,8 @@ def _epoch_estimate(frozen, advice: Advice, settings: FinetuneSettings, n_images
     the sweep's; None when every row came from the cache and nothing was timed):
     :data:`TRAIN_STEP_COST` forward passes per training image (times
     :data:`WHOLE_NETWORK_COST` when nothing is frozen), scaled by the pixel ratio of the
-    two resolutions."""
+    training crop (``--train-size``, else the evaluation crop) to the extraction crop
+    (measured: 34 s per epoch at 160 against 68 s at 224)."""
     measured = advice.evidence["similarity"].get("extraction", {})
     speed, crop = measured.get("images_per_second"), measured.get("crop_size")
     extracted = frozen.extract
