@@ -23,8 +23,8 @@ from ..forward import stack_channels_last
 from ..models import Preprocessing
 from ..preprocess import load_pixels
 
-__all__ = ["DecodedImages", "augment", "training_crop", "dropout_seed", "epoch_order", "global_batches", "training_batches",
-           "DECODED_MEMORY_BUDGET"]
+__all__ = ["DecodedImages", "augment", "training_crop", "dropout_seed", "epoch_order", "global_batches",
+           "training_batches", "DECODED_MEMORY_BUDGET"]
 
 DECODED_MEMORY_BUDGET = 2 << 30  # bytes of decoded training images kept between epochs
 
