@@ -150,6 +150,14 @@ def test_bad_freeze_is_a_one_line_error(image_folder, capsys):
     assert len(err) == 1 and "no.such.module" in err[0]
 
 
+
+@pytest.mark.parametrize("size", ["0", "5000"])
+def test_a_bad_train_size_is_a_one_line_error(image_folder, size, capsys):
+    assert main(["finetune", str(image_folder), "--train-size", size, "--image-size", "64", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--train-size" in err[0] and size in err[0], err
+
+
 def _finetune_command(data: Path, out: Path, epochs: int = 3) -> list[str]:
     return [sys.executable, "-m", "tlp", "finetune", str(data), "--model", "efficientnet_lite0",
             "--image-size", "64", "--batch-size", "8", "--epochs", str(epochs), "--precision", "fp32",
