@@ -150,7 +150,6 @@ def test_bad_freeze_is_a_one_line_error(image_folder, capsys):
     assert len(err) == 1 and "no.such.module" in err[0]
 
 
-
 @pytest.mark.parametrize("size", ["0", "5000"])
 def test_a_bad_train_size_is_a_one_line_error(image_folder, size, capsys):
     assert main(["finetune", str(image_folder), "--train-size", size, "--image-size", "64", "--quiet"]) == 2
@@ -256,7 +255,8 @@ def test_training_crops_smaller_than_the_evaluation_crop(image_folder, tmp_path)
     small = torch.load(_weights_file(out), weights_only=True)
     plain = tmp_path / "plain.json"
     assert main(args + ["--restart", "--report", str(plain)]) == 0  # the evaluation size: other weights
-    assert not torch.equal(small["conv_stem.weight"], torch.load(_weights_file(out), weights_only=True)["conv_stem.weight"])
+    at_evaluation_size = torch.load(_weights_file(out), weights_only=True)
+    assert not torch.equal(small["conv_stem.weight"], at_evaluation_size["conv_stem.weight"])
     again = tmp_path / "again.json"
     assert main(args + ["--train-size", "64", "--report", str(again)]) == 0
     assert json.loads(again.read_text())["resumed_from_epoch"] == 1

@@ -272,10 +272,11 @@ def train(parts: Parts, settings: FinetuneSettings, recipe: Recipe, *, out: Path
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     # What a checkpoint must match: the key fields of the settings, resolved, and the data.
     # (and, for several ranks, their number: it sets the global batch).
+    train_crop = training_crop(settings, spec.preprocessing)
     entries = key_entries(settings, {"model": spec.identity(), "precision": precision, "device": device.type,
-                                     "freeze": recipe.freeze, "train_size": training_crop(settings, spec.preprocessing),
+                                     "freeze": recipe.freeze, "train_size": train_crop,
                                      **({"world": ranks.world} if ranks.world > 1 else {})})
-    if entries["train_size"] == spec.preprocessing.crop_size:
+    if train_crop == spec.preprocessing.crop_size:
         del entries["train_size"]  # training at the evaluation crop: the key of runs from before --train-size
     run_fp = fingerprint({"settings": entries, "data": dataset.identity(), "train": parts.train, "val": parts.val})
     checkpoints = out / CHECKPOINT_DIR if out is not None else None
@@ -327,7 +328,7 @@ def train(parts: Parts, settings: FinetuneSettings, recipe: Recipe, *, out: Path
         "batch_size": settings.batch_size, "precision": precision, "classifier": network.classifier,
         "optimizer": "AdamW", "schedule": "linear warm-up + cosine", "label_smoothing": settings.label_smoothing,
         "hflip": settings.hflip, "epochs_run": len(state.history), "image_size": spec.preprocessing.crop_size,
-        "train_size": training_crop(settings, spec.preprocessing), "ranks": ranks.world,
+        "train_size": train_crop, "ranks": ranks.world,
     }
     return FinetuneResult(
         model=spec.name, case=recipe.case, classes=list(dataset.classes), n_train=len(parts.train),
