@@ -104,9 +104,11 @@ def _tlp(*args: str, report: Path) -> tuple[dict, float]:
 
 
 def measure_run(folder: Path, work: Path, budget: float | None) -> dict:
-    """``tlp run TRAIN --test TEST`` with its defaults, on a cold cache (its own folder)."""
+    """``tlp run TRAIN --test TEST`` with its defaults, on a cold cache (its own folder) and
+    an empty output folder (a fine-tuning run's checkpoints there would be resumed)."""
     cache = work / "run-cache"
     shutil.rmtree(cache, ignore_errors=True)
+    shutil.rmtree(work / "run-out", ignore_errors=True)
     extra = ["--budget", str(budget)] if budget is not None else []
     report, seconds = _tlp("run", str(folder / "train"), "--test", str(folder / "test"), "--cache-dir", str(cache),
                            "--out", str(work / "run-out"), *extra, report=work / "run.json")

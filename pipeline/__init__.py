@@ -44,7 +44,7 @@ _EXPORTS = {
     "sweep": "_sweep", "SweepResult": "_sweep",
     "finetune": "finetuning.stage", "FinetuneResult": "finetuning.loop",
     "advise": "plan", "Advice": "plan",
-    "run": "_run", "RunOutcome": "_run",
+    "run": "_run", "RunOutcome": "_run", "EnsembleResult": "ensemble",
     "predict": "_predict", "predict_imagenet": "_predict", "Predictions": "_predict",
     "load_model": "saved",
     "ModelOptions": "settings", "ExtractSettings": "settings", "SweepSettings": "settings",

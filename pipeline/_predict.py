@@ -3,7 +3,8 @@
 A saved head (``tlp sweep --out``) gets exactly the features it was trained on: the same
 weights (checked by sha256), decoding, preprocessing, tap, pooling and precision, the
 features rounded to the stored dtype. A fine-tuned network (``tlp finetune --out``)
-gives its own class scores on extraction's crops. ``predict_imagenet`` is the
+gives its own class scores on extraction's crops; an ensemble (``tlp run --out``) the
+weighted mean of its members' class probabilities. ``predict_imagenet`` is the
 zero-training approach: the pretrained classifier's ImageNet labels.
 """
 
@@ -23,7 +24,8 @@ from .files import write_text
 from .forward import FileBytes, Forward, PreparedImages
 from .layers import Tap
 from .models import imagenet_categories, resolve_model
-from .saved import SavedFinetuned, head_parts, load_model
+from .ensemble import head_probabilities, softmax
+from .saved import SavedEnsemble, SavedFinetuned, head_parts, load_model
 from .scan import image_files
 from .settings import DEFAULT_MODEL
 
@@ -81,25 +83,6 @@ def _top_k_rows(paths: list[str], probabilities: np.ndarray, names, top_k: int) 
     return rows
 
 
-def _softmax(scores: np.ndarray) -> np.ndarray:
-    scores = scores.astype(np.float64) - scores.max(axis=1, keepdims=True)
-    exp = np.exp(scores)
-    return exp / exp.sum(axis=1, keepdims=True)
-
-
-def _probabilities(estimator, X: np.ndarray) -> np.ndarray:
-    """``predict_proba`` where the head has it; else a softmax of decision values (SVMs)."""
-    if hasattr(estimator, "predict_proba"):
-        try:
-            return estimator.predict_proba(X)
-        except AttributeError:
-            pass
-    scores = estimator.decision_function(X)
-    if scores.ndim == 1:  # binary: one margin
-        scores = np.stack([-scores, scores], axis=1)
-    return _softmax(scores)
-
-
 def _run(forward: Forward, paths: list[str], prep, batch_size: int, on_error: str):
     """(kept paths, outputs, skipped) of every file through ``forward``."""
     skipped: list[dict] = []
@@ -140,33 +123,63 @@ def _load_weights(network, saved: SavedFinetuned) -> None:
 
 def predict(model_dir: str | os.PathLike, images, *, top_k: int = 1, batch_size: int = 32, device: str = "auto",
             on_error: str = "fail", trust_pickle: bool = False) -> Predictions:
-    """Labels of a saved model (a ``tlp sweep --out`` or ``tlp finetune --out`` folder) for
-    image files or folders of them. The folder is checked and loaded before any image is
-    read, and nothing in it runs code; ``trust_pickle=True`` also loads an old pickle head
-    (``tlp-head-v1``), which can, so only for files you wrote yourself."""
+    """Labels of a saved model (a ``tlp sweep --out``, ``tlp finetune --out`` or ``tlp run
+    --out`` folder) for image files or folders of them. The folder is checked and loaded
+    before any image is read, and nothing in it runs code; ``trust_pickle=True`` also loads
+    an old pickle head (``tlp-head-v1``), which can, so only for files you wrote yourself."""
     if on_error not in ("fail", "skip"):
         raise TlpInputError(f"--on-error must be fail or skip, got {on_error!r}")
     saved = load_model(model_dir, trust_pickle=trust_pickle)
     paths = image_paths(images)
-    spec = saved.spec
     torch_device = resolve_device(device)
+    if isinstance(saved, SavedEnsemble):
+        kept, probabilities, skipped = _ensemble_probabilities(saved, paths, batch_size, torch_device, on_error)
+        names = saved.classes
+    else:
+        kept, probabilities, names, skipped = _model_probabilities(saved, paths, batch_size, torch_device, on_error)
+    return Predictions(_top_k_rows(kept, probabilities, names, top_k), skipped, top_k)
+
+
+def _model_probabilities(saved, paths: list[str], batch_size: int, device, on_error: str):
+    """(kept paths, (N, C) class probabilities, their class names, skipped) of a head or a
+    fine-tuned network."""
+    spec = saved.spec
     if isinstance(saved, SavedFinetuned):
         from .finetuning.surgery import build_finetune_model
 
         model_spec = resolve_model(spec["model"], weights=spec.get("weights"), image_size=spec.get("image_size"))
         _check_preprocessing(model_spec, spec, saved.directory)
-
         network = build_finetune_model(model_spec, len(saved.classes), from_scratch=bool(spec.get("from_scratch")))
         _load_weights(network, saved)
-        forward = Forward(network, model_spec.preprocessing, device=torch_device, precision=spec["precision"])
+        forward = Forward(network, model_spec.preprocessing, device=device, precision=spec["precision"])
         kept, logits, skipped = _run(forward, paths, model_spec.preprocessing, batch_size, on_error)
-        probabilities = _softmax(logits) if kept else np.zeros((0, len(saved.classes)))
-        return Predictions(_top_k_rows(kept, probabilities, saved.classes, top_k), skipped, top_k)
-    kept, X, skipped = _head_features(saved, paths, batch_size, torch_device, on_error)
-    if not kept:
-        return Predictions([], skipped, top_k)
+        probabilities = softmax(logits) if kept else np.zeros((0, len(saved.classes)))
+        return kept, probabilities, saved.classes, skipped
+    kept, X, skipped = _head_features(saved, paths, batch_size, device, on_error)
     model_classes = [saved.classes[int(c)] for c in saved.estimator.classes_]
-    return Predictions(_top_k_rows(kept, _probabilities(saved.estimator, X), model_classes, top_k), skipped, top_k)
+    probabilities = head_probabilities(saved.estimator, X) if kept else np.zeros((0, len(model_classes)))
+    return kept, probabilities, model_classes, skipped
+
+
+def _ensemble_probabilities(saved: SavedEnsemble, paths: list[str], batch_size: int, device, on_error: str):
+    """(kept paths, (N, C) weighted mean of the members' probabilities in the ensemble's
+    class order, skipped): an image is kept when every member could read it."""
+    weights = np.asarray(saved.weights, dtype=np.float64)
+    weights = weights / weights.sum()
+    scored, skipped = [], []
+    for member in saved.members:
+        kept, probabilities, names, failed = _model_probabilities(member, paths, batch_size, device, on_error)
+        column = {name: j for j, name in enumerate(names)}
+        full = np.zeros((len(kept), len(saved.classes)))
+        for j, name in enumerate(saved.classes):
+            if name in column:
+                full[:, j] = probabilities[:, column[name]]
+        scored.append(dict(zip(kept, full)))
+        skipped += [entry for entry in failed if entry not in skipped]
+    kept = [path for path in paths if all(path in rows for rows in scored)]
+    mean = sum(w * np.stack([rows[p] for p in kept]) for w, rows in zip(weights, scored)) if kept else \
+        np.zeros((0, len(saved.classes)))
+    return kept, mean, skipped
 
 
 def _network_of(part: dict) -> tuple:
@@ -221,6 +234,6 @@ def predict_imagenet(images, *, model: str = DEFAULT_MODEL, weights=None, top_k:
     forward = Forward(model_spec.build(), model_spec.preprocessing, device=torch_device,
                       precision=resolve_precision(precision, torch_device))
     kept, logits, skipped = _run(forward, image_paths(images), model_spec.preprocessing, batch_size, on_error)
-    probabilities = _softmax(logits) if kept else np.zeros((0, 1000))
+    probabilities = softmax(logits) if kept else np.zeros((0, 1000))
     categories = imagenet_categories() if len(model_spec.categories) == 1000 else model_spec.categories
     return Predictions(_top_k_rows(kept, probabilities, categories, top_k), skipped, top_k)

@@ -18,7 +18,12 @@ based on ever sees the test part. The steps:
    whole network when all its epochs are estimated to fit, else the first third stays
    frozen), stopped at the epoch that would end past the budget. The frozen winner is
    refit on the same training positions and scored on the same validation images as the
-   fine-tuned network; the higher validation accuracy wins (the frozen winner on a tie).
+   fine-tuned network;
+6. **the average** of the two's class probabilities (:mod:`tlp.ensemble`), kept unless
+   the validation images show a member clearly ahead of the other or of the average
+   (those images chose the fine-tuned epoch, which flatters it: see
+   :func:`tlp.ensemble.compare`); with ``--no-ensemble`` the higher validation accuracy
+   wins (the frozen winner on a tie).
 
 The report's ``evidence.candidates`` lists every recipe tried or skipped, with its
 validation score and seconds; ``recipe.why`` says why the winner won.
@@ -57,6 +62,8 @@ TRAIN_STEP_COST = 3.0
 # through the early, high-resolution layers too (sign digits, lite0 at 224 px: about 53
 # against 34 s per epoch).
 WHOLE_NETWORK_COST = 1.6
+# The candidate averaging the frozen winner's and the fine-tuned network's probabilities.
+ENSEMBLE_RECIPE = "average of the frozen winner and the fine-tuned network"
 # The second network's extraction costs about this many of the first's per image
 # (efficientnet_lite2 at 260 px against lite0 at 224: 2.3x the multiply-adds).
 PARTNER_COST = 2.5
@@ -64,12 +71,11 @@ PARTNER_COST = 2.5
 
 @dataclass
 class RunOutcome:
-    """The advice, which stage's result won, that result (SweepResult or FinetuneResult),
-    and every candidate measured."""
+    """The advice, which stage's result won, that result, and every candidate measured."""
 
     advice: Advice
-    stage: str  # "sweep" or "finetune": the winner's
-    result: object
+    stage: str  # "sweep", "finetune" or "ensemble": the winner's
+    result: object  # SweepResult, FinetuneResult or EnsembleResult
     out: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
     candidates: list[dict] = field(default_factory=list)  # every recipe tried or skipped
@@ -159,21 +165,12 @@ def run(data, *, test=None, out: str | Path | None = None, say: Callable[[str], 
     mark = time.monotonic()
     tuned = _try_finetune(frozen, training, test_part, advice, tuning, routed, planning, candidates, deadline,
                           out, tell)
-    if tuned is not None:
-        tuned_result, kept["validation_accuracy"], tuned_settings = tuned  # both on the same validation images
+    if tuned is None:
+        candidates.append({"recipe": ENSEMBLE_RECIPE, "skipped": "no fine-tuned network to average with"})
+    else:
         timings["finetune_stage_seconds"] = time.monotonic() - mark
-        if tuned_result.val_accuracy > kept["validation_accuracy"]:
-            stage, result = "finetune", tuned_result
-            why = (f"fine-tuning (freeze {tuned_result.recipe['freeze']:g}) reached validation accuracy "
-                   f"{tuned_result.val_accuracy:.4f} against the frozen winner's {kept['validation_accuracy']:.4f} "
-                   f"on the same {tuned_result.n_val} validation images")
-            if out is not None:
-                from .finetuning.stage import write_outputs
-
-                write_outputs(Path(out), tuned_result, tuned_settings)
-        else:
-            why += (f"; on the same {tuned_result.n_val} validation images it scored "
-                    f"{kept['validation_accuracy']:.4f}, fine-tuning {tuned_result.val_accuracy:.4f}")
+        stage, result, why = _settle(frozen, kept, tuned, training, test_part, planning, candidates, out, tell,
+                                     frozen_why=why)
     timings["run_seconds"] = time.monotonic() - started
     return RunOutcome(advice=advice, stage=stage, result=result, out=Path(out) if out is not None else None,
                       timings=timings, candidates=candidates, why=why, frozen=plain)
@@ -296,9 +293,9 @@ def _choose_recipe(frozen, advice: Advice, tuning, routed, n_images: int, left: 
 
 def _try_finetune(frozen, training: Dataset, test_part, advice: Advice, tuning, routed, planning: PlanSettings,
                   candidates, deadline, out, tell):
-    """Fine-tune where it may pay and fits; (result, the frozen winner's validation
-    accuracy on the same images, the settings it trained with), or None when skipped
-    (the reason is in ``candidates``)."""
+    """Fine-tune where it may pay and fits; (result, the frozen winner's scores on the same
+    validation images, the settings it trained with, the validation positions), or None
+    when skipped (the reason is in ``candidates``)."""
     from .finetuning.stage import finetune, validation_split
 
     left = deadline - time.monotonic()
@@ -328,15 +325,69 @@ def _try_finetune(frozen, training: Dataset, test_part, advice: Advice, tuning, 
     result = finetune(training, settings, test=test_part, out=Path(out) / "finetune" if out is not None else None,
                       deadline=deadline)
     train_positions, val_positions = validation_split(training, settings)
-    frozen_val = frozen.holdout_accuracy([training.items[i].path for i in train_positions],
-                                         [training.items[i].path for i in val_positions], seed=settings.seed)
+    holdout = frozen.holdout_scores([training.items[i].path for i in train_positions],
+                                    [training.items[i].path for i in val_positions], seed=settings.seed)
     candidates.append({**entry, "validation_accuracy": result.val_accuracy, "best_epoch": result.best_epoch,
                        "epochs_run": len(result.history), "image_size": result.recipe.get("image_size"),
                        "train_size": result.recipe.get("train_size"),
                        "seconds": round(time.monotonic() - mark, 2)})
     tell(f"  fine-tune (freeze {settings.freeze:g}): validation {result.val_accuracy:.4f}, frozen winner "
-         f"{frozen_val:.4f} on the same {result.n_val} images")
-    return result, frozen_val, settings
+         f"{holdout.accuracy:.4f} on the same {result.n_val} images")
+    return result, holdout, settings, val_positions
+
+
+def _settle(frozen, kept: dict, tuned, training: Dataset, test_part, planning: PlanSettings, candidates, out,
+            tell, *, frozen_why: str) -> tuple[str, object, str]:
+    """(stage, result, why) once fine-tuning ran: the average of the frozen winner and the
+    fine-tuned network unless a member is clearly better on the validation images (see
+    :func:`tlp.ensemble.compare`); with ``--no-ensemble`` the higher validation accuracy
+    (the frozen winner on a tie). The winner's saved model goes to ``out``."""
+    from .ensemble import EnsembleResult, Scored, average, compare
+    from .finetuning.stage import write_outputs
+
+    tuned_result, holdout, settings, val_positions = tuned
+    kept["validation_accuracy"] = holdout.accuracy
+    names = {"sweep": frozen_why, "finetune": f"fine-tuning (freeze {tuned_result.recipe['freeze']:g})"}
+    scores = (f"validation accuracy {tuned_result.val_accuracy:.4f} (fine-tuned) against {holdout.accuracy:.4f} "
+              f"(frozen winner) on the same {tuned_result.n_val} images")
+    if not planning.ensemble or tuned_result.val_probabilities is None:
+        candidates.append({"recipe": ENSEMBLE_RECIPE, "skipped": "--no-ensemble" if not planning.ensemble else
+                           "the fine-tuned network's validation probabilities are not known"})
+        winner = "finetune" if tuned_result.val_accuracy > holdout.accuracy else "sweep"
+        why = f"{names[winner]}: {scores}"
+    else:
+        tuned_val = Scored([training.items[i].path for i in val_positions], training.labels[val_positions],
+                           tuned_result.val_probabilities, tuned_result.classes)
+        comparison = compare(holdout, tuned_val)
+        candidates.append({"recipe": ENSEMBLE_RECIPE, **comparison.to_report()})
+        tell(f"  average of both: validation {comparison.average_accuracy:.4f} -> "
+             f"{'kept' if comparison.winner == 'ensemble' else 'not kept'}")
+        winner, why = comparison.winner, f"{names.get(comparison.winner, 'the average')}: {comparison.why}"
+    if winner == "sweep":
+        return "sweep", frozen, why
+    if winner == "finetune":
+        if out is not None:
+            write_outputs(Path(out), tuned_result, settings)
+        return "finetune", tuned_result, why
+    test_accuracy, frozen_test = None, frozen.test_scores()
+    if frozen_test is not None and tuned_result.test_probabilities is not None:
+        tuned_test = Scored([item.path for item in test_part.items], test_part.labels,
+                            tuned_result.test_probabilities, tuned_result.classes)
+        test_accuracy = average([frozen_test, tuned_test]).accuracy
+    result = EnsembleResult(frozen=frozen, finetuned=tuned_result, comparison=comparison, test_accuracy=test_accuracy,
+                            n_test=frozen.n_test)
+    if out is not None:
+        _save_ensemble(Path(out), frozen, result.weights)
+    return "ensemble", result, why
+
+
+def _save_ensemble(out: Path, frozen, weights) -> None:
+    """``out/model.json`` naming ``frozen/`` (the frozen winner, saved here) and
+    ``finetune/`` (the fine-tuning run's own folder, saved by it)."""
+    from .saved import save_ensemble
+
+    frozen.save(out / "frozen", tables=False)
+    save_ensemble(out, [("frozen", weights[0]), ("finetune", weights[1])])
 
 
 def _epoch_estimate(frozen, advice: Advice, settings: FinetuneSettings, n_images: int) -> float | None:

@@ -78,6 +78,12 @@ class SweepResult:
         """The winner (its layer, head and parameters) refit on the training rows of
         ``train_paths`` and scored on those of ``val_paths``: how ``tlp run`` compares it
         with a fine-tuned network on the same validation images."""
+        return self.holdout_scores(train_paths, val_paths, seed).accuracy
+
+    def holdout_scores(self, train_paths, val_paths, seed: int = 0):
+        """As :meth:`holdout_accuracy`, the class probabilities of each validation image
+        (a :class:`tlp.ensemble.Scored`; images without features are left out)."""
+        from .ensemble import Scored, head_probabilities
         from .heads import make_head
 
         features = self.inputs.train
@@ -87,7 +93,19 @@ class SweepResult:
         X, y = features.layers[self.best["layer"]], features.labels
         with one_blas_thread():
             estimator = make_head(self.best["head"], self.best["params"], seed).fit(X[fit], y[fit])
-        return round(float(estimator.score(X[score], y[score])), 6)
+            probabilities = head_probabilities(estimator, X[score], len(self.classes))
+        return Scored([features.paths[i] for i in score], y[score], probabilities, list(self.classes))
+
+    def test_scores(self):
+        """The saved winner's class probabilities on the test part (a
+        :class:`tlp.ensemble.Scored`), or None without a test part of images."""
+        from .ensemble import Scored, head_probabilities
+
+        held = self.inputs.test if self.inputs is not None else None
+        if held is None or not len(held.labels) or held.paths is None:
+            return None
+        probabilities = head_probabilities(self.best_estimator, held.layers[self.best["layer"]], len(self.classes))
+        return Scored(list(held.paths), held.labels, probabilities, list(self.classes))
 
     def __repr__(self) -> str:
         best = self.best

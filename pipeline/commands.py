@@ -175,6 +175,8 @@ def _run_summary(outcome) -> str:
     lines = [_sweep_summary(outcome.frozen)]
     if outcome.stage == "finetune":
         lines += ["", _finetune_summary(result)]
+    elif outcome.stage == "ensemble":
+        lines += ["", _finetune_summary(result.finetuned)]
     lines.append(f"chosen: {outcome.why}")
     test = result.best.get("test_accuracy") if outcome.stage == "sweep" else result.test_accuracy
     if test is not None:

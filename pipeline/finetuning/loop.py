@@ -74,6 +74,10 @@ class FinetuneResult:
     out: Path | None = None
     network: nn.Module | None = field(default=None, repr=False)  # the best weights, in eval mode
     rank: int = 0  # this process's rank in a data-parallel run (rank 0 writes the outputs)
+    # Class probabilities of the best weights (rows: the validation positions, the test
+    # part's items, in order), for averaging with other models; None in a data-parallel run.
+    val_probabilities: np.ndarray | None = field(default=None, repr=False)
+    test_probabilities: np.ndarray | None = field(default=None, repr=False)
 
     def to_report(self) -> dict:
         params = {k: self.recipe[k] for k in ("freeze", "from_scratch", "lr", "backbone_lr_mult", "epochs")}
@@ -201,16 +205,21 @@ def _train_epoch(run: _Run, positions: list[int], epoch: int) -> dict:
             "lr": run.scheduler.get_last_lr()[0]}
 
 
-def _accuracy(run: _Run, images: DecodedImages, positions: list[int], labels: np.ndarray) -> float:
-    """Accuracy of the network's top class on extraction's crops of these images (each
-    rank scores every ``world``-th image; padded batches make an image's scores
-    independent of its batch-mates, so the figure is the one process's)."""
+def _evaluate(run: _Run, images: DecodedImages, positions: list[int],
+              labels: np.ndarray) -> tuple[float, np.ndarray | None]:
+    """(accuracy, class probabilities) of the network on extraction's crops of these
+    images. Each rank scores every ``world``-th image (padded batches make an image's
+    scores independent of its batch-mates, so the accuracy is the one process's); the
+    probabilities (rows in ``positions`` order) come back from a single process only."""
     mine = positions[run.ranks.rank::run.ranks.world]
     forward = Forward(run.network.model, images.prep, device=run.device, precision=run.precision)
     _, scores = forward.rows(lambda i: images.eval_crop(mine[i]), len(mine), batch_size=run.settings.batch_size)
     predicted = scores.argmax(1) if scores is not None else np.zeros(0, dtype=np.int64)
     correct, total = run.ranks.sum([int((predicted == labels[mine]).sum()), len(mine)])
-    return round(correct / total, 6) if total else float("nan")
+    probabilities = None
+    if run.ranks.world == 1 and scores is not None:
+        probabilities = torch.softmax(torch.from_numpy(np.asarray(scores, dtype=np.float32)), dim=1).numpy()
+    return (round(correct / total, 6) if total else float("nan")), probabilities
 
 
 def _log_epoch(row: dict, epochs: int) -> None:
@@ -293,11 +302,12 @@ def train(parts: Parts, settings: FinetuneSettings, recipe: Recipe, *, out: Path
                    device=device, precision=precision, pool=pool, ranks=ranks,
                    step_model=wrap_data_parallel(network.model, ranks))
         epochs = settings.epochs  # fewer when the deadline says so after the first epoch
+        best_val_probabilities = None  # the best epoch's, for tlp run's average with the frozen winner
         while not state.finished and state.epoch < epochs:
             epoch_started = time.monotonic()
             row = _train_epoch(run, parts.train, state.epoch + 1)
             if parts.val:
-                row["val_accuracy"] = _accuracy(run, run.images, parts.val, run.labels)
+                row["val_accuracy"], val_probabilities = _evaluate(run, run.images, parts.val, run.labels)
             # The slowest rank's pace decides, for every rank alike.
             fit = ranks.min(_epochs_that_fit(deadline, time.monotonic() - epoch_started, state.epoch + 1, epochs))
             if fit < epochs:
@@ -307,6 +317,8 @@ def train(parts: Parts, settings: FinetuneSettings, recipe: Recipe, *, out: Path
                 epochs = fit
                 schedule.total_steps = steps_per_epoch * epochs  # the decay ends where the run will
             state.end_epoch(row, network.model, epochs=epochs, patience=settings.patience if parts.val else None)
+            if parts.val and state.best_epoch == row["epoch"]:
+                best_val_probabilities = val_probabilities
             if ranks.is_main:
                 _log_epoch(row, epochs)
             if checkpoints is not None and ranks.is_main:
@@ -314,11 +326,13 @@ def train(parts: Parts, settings: FinetuneSettings, recipe: Recipe, *, out: Path
                                 scheduler=scheduler, scaler=scaler)
         timings["train_seconds"] = time.perf_counter() - train_started
         network.model.load_state_dict(state.best_state)
-        test_accuracy = None
+        if parts.val and best_val_probabilities is None and ranks.world == 1:  # the best epoch ran before a resume
+            _, best_val_probabilities = _evaluate(run, run.images, parts.val, run.labels)
+        test_accuracy = test_probabilities = None
         if parts.test is not None:
             mark = time.perf_counter()
-            test_accuracy = _accuracy(run, DecodedImages(parts.test, spec.preprocessing),
-                                      list(range(len(parts.test.items))), parts.test.labels)
+            test_accuracy, test_probabilities = _evaluate(run, DecodedImages(parts.test, spec.preprocessing),
+                                                          list(range(len(parts.test.items))), parts.test.labels)
             timings["test_seconds"] = time.perf_counter() - mark
     timings["total_seconds"] = time.perf_counter() - started
     recipe_report = {
@@ -335,5 +349,5 @@ def train(parts: Parts, settings: FinetuneSettings, recipe: Recipe, *, out: Path
         n_val=len(parts.val), n_test=len(parts.test.items) if parts.test is not None else 0, recipe=recipe_report,
         history=state.history, best_epoch=state.best_epoch, val_accuracy=state.best_val if parts.val else None,
         test_accuracy=test_accuracy, resumed_from_epoch=resumed_from, timings=timings, network=network.model.eval(),
-        rank=ranks.rank,
+        rank=ranks.rank, val_probabilities=best_val_probabilities, test_probabilities=test_probabilities,
     )
