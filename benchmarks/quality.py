@@ -149,13 +149,28 @@ def measure_ablation(folder: Path, cache: Path, similar: bool) -> list[dict]:
     return rows
 
 
+def _test_scores(model: Path, test: Path, classes: list[str]):
+    """A saved model's class probabilities on every image of the test folder (``tlp.predict``)."""
+    import numpy as np
+    import tlp
+    from tlp.ensemble import Scored
+
+    rows = tlp.predict(model, [str(test.resolve())], top_k=len(classes)).rows  # paths as the sweep records them
+    probabilities = np.asarray([[dict(zip(r["labels"], r["probabilities"]))[c] for c in classes] for r in rows])
+    labels = np.asarray([classes.index(Path(r["path"]).parent.name) for r in rows])
+    return Scored([r["path"] for r in rows], labels, probabilities, list(classes))
+
+
 def measure_oracle(folder: Path, work: Path, cache: Path) -> dict:
     """Every recipe to completion; the best test accuracy among them (and which)."""
     import tlp
 
-    recipes = {}
+    from tlp.ensemble import average
+
+    recipes, frozen_winners = {}, {}
     layers = ("early", "mid", "late", "mid+late", "early+mid+late",
-              "efficientnet_lite0:late+efficientnet_lite2:late")
+              "efficientnet_lite0:late+efficientnet_lite2:late",
+              "early+mid+late+efficientnet_lite2:early+efficientnet_lite2:mid+efficientnet_lite2:late")
     for tta in ("none", "flip"):
         started = time.perf_counter()
         result = tlp.sweep(folder / "train", test=folder / "test", layers=layers, pool="auto", tta=tta,
@@ -164,11 +179,18 @@ def measure_oracle(folder: Path, work: Path, cache: Path) -> dict:
             recipes[f"frozen {row['head']} on {row['layer']}" + (" (flip)" if tta == "flip" else "")] = {
                 "cv_accuracy": row["cv_accuracy"], "test_accuracy": row["test_accuracy"]}
         recipes[f"frozen sweep ({tta}) seconds"] = round(time.perf_counter() - started, 1)
+        frozen_winners[tta] = result.test_scores()  # the CV winner's, as tlp run would average it
     for name, freeze in (("fine-tune, first third frozen", "0.3333"), ("fine-tune, whole network", "0")):
+        out = work / f"oracle-finetune-{freeze}"
+        shutil.rmtree(out, ignore_errors=True)  # trained to completion, never resumed
         report, seconds = _tlp("finetune", str(folder / "train"), "--test", str(folder / "test"), "--freeze", freeze,
-                               "--cache-dir", str(cache), report=work / f"finetune-{freeze}.json")
+                               "--cache-dir", str(cache), "--out", str(out), report=work / f"finetune-{freeze}.json")
         recipes[name] = {"validation_accuracy": report["best"]["cv_accuracy"],
                          "test_accuracy": report["best"]["test_accuracy"], "seconds": round(seconds, 1)}
+        tuned = _test_scores(out, folder / "test", report["classes"])
+        for tta, frozen in frozen_winners.items():
+            recipes[f"average: frozen CV winner ({tta}) + {name}"] = {
+                "test_accuracy": average([frozen, tuned]).accuracy}
     scored = {k: v for k, v in recipes.items() if isinstance(v, dict) and v.get("test_accuracy") is not None}
     best = max(scored, key=lambda k: scored[k]["test_accuracy"])
     return {"test_accuracy": scored[best]["test_accuracy"], "recipe": best, "recipes": recipes}
