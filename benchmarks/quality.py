@@ -155,10 +155,12 @@ def _test_scores(model: Path, test: Path, classes: list[str]):
     import tlp
     from tlp.ensemble import Scored
 
-    rows = tlp.predict(model, [str(test.resolve())], top_k=len(classes)).rows  # paths as the sweep records them
+    root = test.resolve()
+    rows = tlp.predict(model, [str(root)], top_k=len(classes)).rows
     probabilities = np.asarray([[dict(zip(r["labels"], r["probabilities"]))[c] for c in classes] for r in rows])
     labels = np.asarray([classes.index(Path(r["path"]).parent.name) for r in rows])
-    return Scored([r["path"] for r in rows], labels, probabilities, list(classes))
+    # Paths relative to the folder, as the sweep's cache records them.
+    return Scored([Path(r["path"]).relative_to(root).as_posix() for r in rows], labels, probabilities, list(classes))
 
 
 def measure_oracle(folder: Path, work: Path, cache: Path) -> dict:

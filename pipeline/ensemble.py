@@ -204,7 +204,7 @@ class EnsembleResult:
                 "best": self.best, "results": [self.best, *members], "classes": self.frozen.classes,
                 "recipe": {"members": ["frozen", "finetune"], "weights": list(self.weights),
                            "finetune": self.finetuned.recipe},
-                "history": self.finetuned.history,
+                "history": self.finetuned.history, "resumed_from_epoch": self.finetuned.resumed_from_epoch,
                 "timings": {**{k: round(v, 4) for k, v in self.frozen.timings.items()},
                             **{f"finetune_{k}": round(v, 4) for k, v in self.finetuned.timings.items()},
                             **self.timings}}

@@ -1,7 +1,7 @@
 """The average of the frozen winner and the fine-tuned network: the rule that keeps it,
 the saved ensemble folder (members inside it, checked like any saved model) and
-`tlp predict` on it (the weighted mean of the members' probabilities, by class name),
-and `tlp run` choosing it end to end."""
+`tlp predict` on it (the weighted mean of the members' probabilities, by class name).
+`tlp run` choosing it end to end is in test_plan.py (it shares that module's cache)."""
 
 from __future__ import annotations
 
@@ -193,29 +193,3 @@ def test_a_bad_ensemble_folder_is_one_line_exit_2_before_any_image_is_read(membe
                 "one member": "at least 2", "other classes": "do not predict the classes"}[case]
     assert "model.json" in error or "members of" in error
     assert expected in error
-
-
-# ----------------------------------------------------------------------------- tlp run
-def test_run_keeps_the_average_when_neither_member_is_clearly_ahead(tmp_path):
-    """Digits at 64 px, part-frozen fine-tuning at a high rate: the fine-tuned network ties
-    the frozen winner on the 36 validation images, so the average is kept and saved."""
-    report, out = tmp_path / "run.json", tmp_path / "out"
-    assert main(["run", "digits", "--test", "0.8", "--image-size", "64", "--large-per-class", "10",
-                 "--finetune-per-class", "10", "--epochs", "4", "--lr", "0.01", "--freeze", "0.8",
-                 "--heads", "softmax", "--no-hflip", "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
-                 "--report", str(report), "--quiet"]) == 0
-    result = json.loads(report.read_text())
-    averaged = result["evidence"]["candidates"][-1]
-    assert averaged["recipe"] == "average of the frozen winner and the fine-tuned network" and averaged["kept"]
-    assert result["stage"] == "ensemble" and result["recipe"]["stage"] == "ensemble"
-    assert result["best"]["head"] == "ensemble" and result["best"]["cv_accuracy"] == averaged["validation_accuracy"]
-    assert "not clearly behind" in result["recipe"]["why"]
-    average, frozen, tuned = result["results"]
-    assert frozen["member"] == "frozen" and tuned["member"] == "finetune"
-    assert abs(frozen["cv_accuracy"] - tuned["cv_accuracy"]) <= MAX_MEMBER_GAP
-    assert 0.5 < average["test_accuracy"] <= 1.0 and result["n_test"] == 1438
-    assert "frozen_sweep" in result["evidence"] and result["history"]
-    spec = json.loads((out / "model.json").read_text())
-    assert spec["format"] == "tlp-ensemble-v1" and [m["folder"] for m in spec["members"]] == ["frozen", "finetune"]
-    assert json.loads((out / "frozen" / "model.json").read_text())["format"] == "tlp-head-v2"
-    assert json.loads((out / "finetune" / "model.json").read_text())["format"] == "tlp-finetuned-v1"

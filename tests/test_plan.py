@@ -9,6 +9,7 @@ import json
 import pytest
 
 from tlp.cli import main
+from tlp.ensemble import MAX_MEMBER_GAP
 
 needs_skimage = pytest.mark.skipif(importlib.util.find_spec("skimage") is None, reason="photos needs scikit-image")
 
@@ -107,6 +108,43 @@ def test_run_measures_fine_tuning_against_the_frozen_winner_on_the_same_validati
     assert spec["format"] == "tlp-head-v2"
     assert (out / "finetune" / "checkpoints" / "epoch-001.pt").exists() and (out / "results.csv").exists()
     assert ("frozen_sweep" in result["evidence"]) == (won == "finetune")  # the frozen table is kept either way
+
+
+def test_run_keeps_the_average_when_neither_member_is_clearly_ahead(tmp_path, planner_cache):
+    """Digits at 64 px, part-frozen fine-tuning at a high rate: the fine-tuned network ties
+    the frozen winner on the 36 validation images, so the average is kept and saved."""
+    report, out = tmp_path / "run.json", tmp_path / "out"
+    args = ["run", "digits", "--test", "0.8", "--image-size", "64", "--large-per-class", "10",
+            "--finetune-per-class", "10", "--epochs", "4", "--lr", "0.01", "--freeze", "0.8", "--heads", "softmax",
+            "--no-hflip", "--cache-dir", planner_cache, "--out", str(out), "--report", str(report), "--quiet"]
+    assert main(args) == 0
+    result = json.loads(report.read_text())
+    averaged = result["evidence"]["candidates"][-1]
+    assert averaged["recipe"] == "average of the frozen winner and the fine-tuned network" and averaged["kept"]
+    assert result["stage"] == "ensemble" and result["recipe"]["stage"] == "ensemble"
+    assert result["best"]["head"] == "ensemble" and result["best"]["cv_accuracy"] == averaged["validation_accuracy"]
+    assert "not clearly behind" in result["recipe"]["why"]
+    average, frozen, tuned = result["results"]
+    assert frozen["member"] == "frozen" and tuned["member"] == "finetune"
+    assert abs(frozen["cv_accuracy"] - tuned["cv_accuracy"]) <= MAX_MEMBER_GAP
+    assert 0.5 < average["test_accuracy"] <= 1.0 and result["n_test"] == 1438
+    assert "frozen_sweep" in result["evidence"] and result["history"]
+    spec = json.loads((out / "model.json").read_text())
+    assert spec["format"] == "tlp-ensemble-v1" and [m["folder"] for m in spec["members"]] == ["frozen", "finetune"]
+    assert json.loads((out / "frozen" / "model.json").read_text())["format"] == "tlp-head-v2"
+    assert json.loads((out / "finetune" / "model.json").read_text())["format"] == "tlp-finetuned-v1"
+    # A rerun resumes the finished fine-tuning run; its validation probabilities come from
+    # the best weights again, so the same average wins on the same figures.
+    assert main(args) == 0
+    again = json.loads(report.read_text())
+    assert again["resumed_from_epoch"] == 4 and again["stage"] == "ensemble"
+    assert again["evidence"]["candidates"][-1] == averaged
+    # --no-ensemble: the higher validation accuracy, the frozen winner on this tie; the
+    # folder's ensemble is replaced by the frozen head.
+    assert main([*args, "--no-ensemble"]) == 0
+    plain = json.loads(report.read_text())
+    assert plain["stage"] == "sweep" and plain["evidence"]["candidates"][-1]["skipped"] == "--no-ensemble"
+    assert json.loads((out / "model.json").read_text())["format"] == "tlp-head-v2"
 
 
 def test_run_within_a_spent_budget_keeps_the_frozen_winner_and_says_why(tmp_path, planner_cache):
