@@ -146,6 +146,8 @@ def compare(frozen: Scored, tuned: Scored) -> Comparison:
     other (then that member: averaging has nothing to gain) or the average clearly behind
     the better member (see the module docstring for why ties and one-image trails keep it)."""
     mean = average([frozen, tuned])
+    if not mean.paths:
+        raise ValueError("the frozen winner and the fine-tuned network scored no validation image in common")
     f, t = frozen.on(mean.paths, mean.classes), tuned.on(mean.paths, mean.classes)
     right = {"sweep": f.correct(), "finetune": t.correct(), "ensemble": mean.correct()}
     accuracy = {name: round(float(c.mean()), 6) if len(c) else float("nan") for name, c in right.items()}

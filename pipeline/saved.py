@@ -104,8 +104,8 @@ class SavedFinetuned(SavedModel):
 class SavedEnsemble(SavedModel):
     """Saved models whose class probabilities are averaged (``tlp run --out``)."""
 
-    members: list = None  # the loaded member models, in the spec's order
-    weights: list = None  # their weights, as the spec gives them
+    members: list[SavedModel] | None = None  # the loaded member models, in the spec's order
+    weights: list[float] | None = None  # their weights, as the spec gives them
 
     def member_classes_match(self) -> bool:
         return all(set(m.classes) == set(self.classes) for m in self.members)
