@@ -24,7 +24,7 @@ from .files import write_text
 from .forward import FileBytes, Forward, PreparedImages
 from .layers import Tap
 from .models import imagenet_categories, resolve_model
-from .ensemble import head_probabilities, softmax
+from .ensemble import Scored, average, head_probabilities, softmax
 from .saved import SavedEnsemble, SavedFinetuned, head_parts, load_model
 from .scan import image_files
 from .settings import DEFAULT_MODEL
@@ -164,22 +164,13 @@ def _model_probabilities(saved, paths: list[str], batch_size: int, device, on_er
 def _ensemble_probabilities(saved: SavedEnsemble, paths: list[str], batch_size: int, device, on_error: str):
     """(kept paths, (N, C) weighted mean of the members' probabilities in the ensemble's
     class order, skipped): an image is kept when every member could read it."""
-    weights = np.asarray(saved.weights, dtype=np.float64)
-    weights = weights / weights.sum()
     scored, skipped = [], []
     for member in saved.members:
         kept, probabilities, names, failed = _model_probabilities(member, paths, batch_size, device, on_error)
-        column = {name: j for j, name in enumerate(names)}
-        full = np.zeros((len(kept), len(saved.classes)))
-        for j, name in enumerate(saved.classes):
-            if name in column:
-                full[:, j] = probabilities[:, column[name]]
-        scored.append(dict(zip(kept, full)))
+        scored.append(Scored(kept, None, probabilities, names))
         skipped += [entry for entry in failed if entry not in skipped]
-    kept = [path for path in paths if all(path in rows for rows in scored)]
-    mean = sum(w * np.stack([rows[p] for p in kept]) for w, rows in zip(weights, scored)) if kept else \
-        np.zeros((0, len(saved.classes)))
-    return kept, mean, skipped
+    mean = average([scored[0].on(scored[0].paths, saved.classes), *scored[1:]], saved.weights)
+    return mean.paths, mean.probabilities, skipped
 
 
 def _network_of(part: dict) -> tuple:

@@ -74,10 +74,11 @@ def head_probabilities(estimator, X: np.ndarray, n_classes: int | None = None) -
 @dataclass
 class Scored:
     """One model's class probabilities on named images: ``probabilities[i, j]`` is image
-    ``paths[i]``'s probability of ``classes[j]``; ``labels`` are the true class indices."""
+    ``paths[i]``'s probability of ``classes[j]``; ``labels`` are the true class indices
+    (None for images whose class is not known, as in prediction)."""
 
     paths: list[str]
-    labels: np.ndarray
+    labels: np.ndarray | None
     probabilities: np.ndarray
     classes: list[str]
 
@@ -95,7 +96,8 @@ class Scored:
         column = {name: j for j, name in enumerate(self.classes)}
         columns = np.asarray([column[name] for name in classes], dtype=np.int64)
         names = {name: j for j, name in enumerate(classes)}
-        labels = np.asarray([names[self.classes[k]] for k in self.labels[rows]], dtype=np.int64)
+        labels = None if self.labels is None else \
+            np.asarray([names[self.classes[k]] for k in self.labels[rows]], dtype=np.int64)
         return Scored(list(paths), labels, self.probabilities[rows][:, columns], list(classes))
 
 
@@ -110,7 +112,8 @@ def average(members: list[Scored], weights: list[float] | None = None) -> Scored
     paths = [p for p in first.paths if p in common]
     aligned = [m.on(paths, first.classes) for m in members]
     weights = np.asarray(weights if weights is not None else [1.0] * len(members), dtype=np.float64)
-    mean = sum(w * m.probabilities for w, m in zip(weights / weights.sum(), aligned))
+    mean = sum(w * m.probabilities for w, m in zip(weights / weights.sum(), aligned)) if paths else \
+        np.zeros((0, len(first.classes)))
     return Scored(paths, aligned[0].labels, mean, list(first.classes))
 
 

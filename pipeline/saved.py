@@ -107,9 +107,6 @@ class SavedEnsemble(SavedModel):
     members: list[SavedModel] | None = None  # the loaded member models, in the spec's order
     weights: list[float] | None = None  # their weights, as the spec gives them
 
-    def member_classes_match(self) -> bool:
-        return all(set(m.classes) == set(self.classes) for m in self.members)
-
 
 # ----------------------------------------------------------------------------- writing
 @dataclass(frozen=True)
@@ -188,16 +185,12 @@ def save_ensemble(directory: str | os.PathLike, members: list[tuple[str, float]]
     saved model already written inside ``directory``) and replace the folder's model with
     it in one rename; the weights the replaced spec named are removed after it."""
     directory = Path(directory)
-    loaded = [load_model(member_folder(directory, name)) for name, _weight in members]
-    if any(isinstance(m, SavedEnsemble) for m in loaded):
-        raise ValueError("an ensemble's members are heads or fine-tuned networks, not ensembles")
-    classes = loaded[0].classes
-    if any(set(m.classes) != set(classes) for m in loaded):
-        raise ValueError("the members predict different classes: " + "; ".join(", ".join(m.classes) for m in loaded))
+    classes = read_spec(member_folder(directory, members[0][0]))["classes"]
+    spec = {"format": ENSEMBLE_FORMAT, "classes": classes,
+            "members": [{"folder": name, "weight": float(weight)} for name, weight in members], "versions": _versions()}
+    _load_ensemble(directory, spec, trust_pickle=False)  # what loading will check, checked before writing
     replaced = _weights_named(directory)
-    spec_path = write_json(directory / SPEC_NAME, {
-        "format": ENSEMBLE_FORMAT, "classes": classes,
-        "members": [{"folder": name, "weight": float(weight)} for name, weight in members], "versions": _versions()})
+    spec_path = write_json(directory / SPEC_NAME, spec)
     alias = directory / LEGACY_WEIGHTS_NAME
     if alias.is_symlink():
         replaced.add(LEGACY_WEIGHTS_NAME)
@@ -321,11 +314,10 @@ def _load_ensemble(directory: Path, spec: dict, trust_pickle: bool) -> SavedEnse
                                 "members are heads or fine-tuned networks; re-run `tlp run --out` to write the "
                                 "folder again")
         members.append(_load(folder, member_spec, trust_pickle))
-    ensemble = SavedEnsemble(directory, spec, members, [m["weight"] for m in spec["members"]])
-    if not ensemble.member_classes_match():
+    if any(set(m.classes) != set(spec["classes"]) for m in members):
         raise TlpInputError(f"the members of {str(directory)!r} do not predict the classes its {SPEC_NAME} lists "
                             f"({short(spec['classes'])}); re-run `tlp run --out` to write the folder again")
-    return ensemble
+    return SavedEnsemble(directory, spec, members, [m["weight"] for m in spec["members"]])
 
 
 def _skops_head(path: Path, data: bytes):

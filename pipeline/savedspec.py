@@ -101,10 +101,7 @@ def _check_members(spec_path: Path, spec: dict) -> None:
     """An ensemble's classes and ``members``: at least two ``{"folder": NAME, "weight":
     W > 0}``, distinct folders (each checked as a saved model when it is loaded)."""
     members, fix = spec["members"], "re-run `tlp run --out` to write the folder again"
-    classes = spec["classes"]
-    if len(classes) < 2 or not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(classes):
-        raise TlpInputError(f"{spec_path}: classes must be a list of at least 2 distinct names, got "
-                            f"{short(classes)}; {fix}")
+    _check_classes(spec_path, spec["classes"], "", fix)
     if not isinstance(members, list) or len(members) < 2 or not all(isinstance(m, dict) for m in members):
         raise TlpInputError(f"{spec_path}: members must be a list of at least 2 objects, got {short(members)}; {fix}")
     for i, member in enumerate(members):
@@ -132,11 +129,15 @@ def _check_keys(spec_path: Path, mapping: dict, keys: dict, prefix: str) -> None
                                 "the command that wrote the folder (`tlp sweep --out` or `tlp finetune --out`)")
 
 
-def _check_values(spec_path: Path, spec: dict, prefix: str = "") -> None:
-    classes, fix = spec["classes"], f"re-run `{command_of(spec)} --out` to write the folder again"
+def _check_classes(spec_path: Path, classes: list, prefix: str, fix: str) -> None:
     if len(classes) < 2 or not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(classes):
         raise TlpInputError(f"{spec_path}: {prefix}classes must be a list of at least 2 distinct names, got "
                             f"{short(classes)}; {fix}")
+
+
+def _check_values(spec_path: Path, spec: dict, prefix: str = "") -> None:
+    fix = f"re-run `{command_of(spec)} --out` to write the folder again"
+    _check_classes(spec_path, spec["classes"], prefix, fix)
     if spec["precision"] not in PRECISIONS:
         raise TlpInputError(f"{spec_path}: {prefix}precision must be one of {', '.join(PRECISIONS)}, got "
                             f"{short(spec['precision'])}; {fix}")
