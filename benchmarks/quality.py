@@ -14,8 +14,9 @@ linear probe
 oracle (``--oracle``)
     Every recipe run to completion, each selected by its own validation on the training
     part: the frozen sweep over every layer and head, fused layers (``mid+late``, the
-    late layers of lite0 and lite2 together), flip-averaged features, partial fine-tuning
-    (first third frozen) and whole-network fine-tuning. The oracle's figure is the best
+    late layers of lite0 and lite2 together), flip-averaged and d4 features, partial
+    fine-tuning (first third frozen) and whole-network fine-tuning, each with and without
+    quarter-turned crops (``--rotate``), and each fine-tune averaged with the frozen CV winners. The oracle's figure is the best
     *test* accuracy over its recipes, which no honest planner can see: the planner's
     regret is the oracle's figure minus ``run``'s.
 
@@ -163,8 +164,15 @@ def _test_scores(model: Path, test: Path, classes: list[str]):
     return Scored([Path(r["path"]).relative_to(root).as_posix() for r in rows], labels, probabilities, list(classes))
 
 
-def measure_oracle(folder: Path, work: Path, cache: Path) -> dict:
-    """Every recipe to completion; the best test accuracy among them (and which)."""
+FINETUNES = (("fine-tune, first third frozen", "0.3333", ()), ("fine-tune, whole network", "0", ()),
+             ("fine-tune, first third frozen, quarter turns", "0.3333", ("--rotate",)),
+             ("fine-tune, whole network, quarter turns", "0", ("--rotate",)))
+
+
+def measure_oracle(folder: Path, work: Path, cache: Path, reuse: bool = False) -> dict:
+    """Every recipe to completion; the best test accuracy among them (and which). With
+    ``reuse``, a fine-tune an earlier oracle finished in ``work`` (its report and saved
+    model there) is read back instead of trained again."""
     import tlp
 
     from tlp.ensemble import average
@@ -173,22 +181,27 @@ def measure_oracle(folder: Path, work: Path, cache: Path) -> dict:
     layers = ("early", "mid", "late", "mid+late", "early+mid+late",
               "efficientnet_lite0:late+efficientnet_lite2:late",
               "early+mid+late+efficientnet_lite2:early+efficientnet_lite2:mid+efficientnet_lite2:late")
-    for tta in ("none", "flip"):
+    for tta in ("none", "flip", "d4"):
         started = time.perf_counter()
         result = tlp.sweep(folder / "train", test=folder / "test", layers=layers, pool="auto", tta=tta,
                            racing=False, cache_dir=cache, progress=False)
         for row in result.results:
-            recipes[f"frozen {row['head']} on {row['layer']}" + (" (flip)" if tta == "flip" else "")] = {
+            recipes[f"frozen {row['head']} on {row['layer']}" + (f" ({tta})" if tta != "none" else "")] = {
                 "cv_accuracy": row["cv_accuracy"], "test_accuracy": row["test_accuracy"]}
         recipes[f"frozen sweep ({tta}) seconds"] = round(time.perf_counter() - started, 1)
         frozen_winners[tta] = result.test_scores()  # the CV winner's, as tlp run would average it
-    for name, freeze in (("fine-tune, first third frozen", "0.3333"), ("fine-tune, whole network", "0")):
-        out = work / f"oracle-finetune-{freeze}"
-        shutil.rmtree(out, ignore_errors=True)  # trained to completion, never resumed
-        report, seconds = _tlp("finetune", str(folder / "train"), "--test", str(folder / "test"), "--freeze", freeze,
-                               "--cache-dir", str(cache), "--out", str(out), report=work / f"finetune-{freeze}.json")
+    for name, freeze, more in FINETUNES:
+        stem = f"finetune-{freeze}" + "".join(more).replace("--", "-")
+        out, report_file = work / f"oracle-{stem}", work / f"{stem}.json"
+        if reuse and (out / "model.json").is_file() and report_file.is_file():
+            report, seconds = json.loads(report_file.read_text()), None
+        else:
+            shutil.rmtree(out, ignore_errors=True)  # trained to completion, never resumed
+            report, seconds = _tlp("finetune", str(folder / "train"), "--test", str(folder / "test"), "--freeze",
+                                   freeze, *more, "--cache-dir", str(cache), "--out", str(out), report=report_file)
         recipes[name] = {"validation_accuracy": report["best"]["cv_accuracy"],
-                         "test_accuracy": report["best"]["test_accuracy"], "seconds": round(seconds, 1)}
+                         "test_accuracy": report["best"]["test_accuracy"],
+                         "seconds": None if seconds is None else round(seconds, 1)}
         tuned = _test_scores(out, folder / "test", report["classes"])
         for tta, frozen in frozen_winners.items():
             recipes[f"average: frozen CV winner ({tta}) + {name}"] = {
@@ -205,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sets", default=",".join(SETS), help="comma-separated set names")
     parser.add_argument("--budget", type=float, default=None, help="tlp run --budget (default: tlp's own)")
     parser.add_argument("--oracle", action="store_true", help="also run every recipe to completion (about an hour)")
+    parser.add_argument("--reuse-finetunes", action="store_true",
+                        help="with --oracle: read back the fine-tunes an earlier oracle finished in --work")
     parser.add_argument("--ablation", action="store_true", help="also measure the frozen levers one by one")
     parser.add_argument("--work", type=Path, default=HERE / "data" / "work", help="reports, outputs and caches")
     args = parser.parse_args(argv)
@@ -224,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.ablation:
             entry["ablation"] = measure_ablation(folders[name], cache, similar=entry["run"]["case"] in (1, 3))
         if args.oracle:
-            entry["oracle"] = measure_oracle(folders[name], work, cache)
+            entry["oracle"] = measure_oracle(folders[name], work, cache, reuse=args.reuse_finetunes)
             entry["regret_points"] = round(100 * (entry["oracle"]["test_accuracy"] - entry["run"]["test_accuracy"]), 2)
         results["sets"][name] = entry
         print(f"{name}: run {entry['run']['test_accuracy']:.4f} in {entry['run']['seconds']:.0f} s", file=sys.stderr)

@@ -9,9 +9,14 @@ based on ever sees the test part. The steps:
    every other recipe must beat;
 3. **flip-averaged features** for the winning row, unless the user said the data has a
    handedness (``--no-hflip``): kept when their cross-validated accuracy is higher;
-4. **a second network** (:data:`tlp.plan.PARTNERS`, if installed): the winning row's
+4. **orientation** (:mod:`tlp.orientation`): held-out images scored upright and a quarter
+   turn away; where the turn costs nothing (no up: satellite tiles, microscopy), the
+   winning row on features averaged over quarter turns and flips (``--tta d4``), kept when
+   its cross-validated accuracy is higher, and fine-tuning trains on turned crops too
+   (``--rotate``, unless the user set it);
+5. **a second network** (:data:`tlp.plan.PARTNERS`, if installed): the winning row's
    depths of both networks side by side, kept when its cross-validated accuracy is higher;
-5. **fine-tuning**, when the data is not small (median >= ``--finetune-per-class``, 100),
+6. **fine-tuning**, when the data is not small (median >= ``--finetune-per-class``, 100),
    the frozen winner leaves room (CV below :data:`ROOM`) and a first estimate says at
    least :data:`MIN_EPOCHS` epochs fit the rest of ``--budget``: the recipe of the
    measured case (:func:`tlp.plan.finetune_candidate`; small, different data trains the
@@ -19,7 +24,7 @@ based on ever sees the test part. The steps:
    frozen), stopped at the epoch that would end past the budget. The frozen winner is
    refit on the same training positions and scored on the same validation images as the
    fine-tuned network;
-6. **the average** of the two's class probabilities (:mod:`tlp.ensemble`), kept unless
+7. **the average** of the two's class probabilities (:mod:`tlp.ensemble`), kept unless
    the validation images show a member clearly ahead of the other or of the average
    (those images chose the fine-tuned epoch, which flatters it: see
    :func:`tlp.ensemble.compare`); with ``--no-ensemble`` the higher validation accuracy
@@ -32,16 +37,16 @@ validation score and seconds; ``recipe.why`` says why the winner won.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ._frozen import TURNS_RECIPE, frozen_sweep, try_flip, try_partner, try_turns
 from .data import as_dataset, require_classes, split
 from .dataset import Dataset
-from .plan import DIFFERENT_LAYERS, PARTNERS, SIMILAR_LAYERS, Advice, advise, finetune_candidate
+from .plan import Advice, advise, finetune_candidate
 from .settings import ExtractSettings, FinetuneSettings, PlanSettings, SweepSettings, route_options
 
 __all__ = ["RunOutcome", "run", "RUN_SETTINGS", "ROOM", "MIN_EPOCHS", "TRAIN_STEP_COST", "WHOLE_NETWORK_COST"]
@@ -64,9 +69,6 @@ TRAIN_STEP_COST = 3.0
 WHOLE_NETWORK_COST = 1.6
 # The candidate averaging the frozen winner's and the fine-tuned network's probabilities.
 ENSEMBLE_RECIPE = "average of the frozen winner and the fine-tuned network"
-# The second network's extraction costs about this many of the first's per image
-# (efficientnet_lite2 at 260 px against lite0 at 224: 2.3x the multiply-adds).
-PARTNER_COST = 2.5
 
 
 @dataclass
@@ -132,37 +134,47 @@ def run(data, *, test=None, out: str | Path | None = None, say: Callable[[str], 
     tell(advice.summary())
 
     mark = time.monotonic()
-    plain, candidates = _frozen(training, test_part, advice, extraction, sweeping, routed, tell)
+    plain, candidates = frozen_sweep(training, test_part, advice, extraction, sweeping, routed, tell)
     timings["sweep_stage_seconds"] = time.monotonic() - mark
     frozen, kept = plain, candidates[0]  # the frozen winner and its entry among the candidates
     perfect = plain.best["cv_accuracy"] >= 1.0
     if perfect:  # nothing can beat it on the training part: no more recipes are measured
         reason = "the frozen winner's CV accuracy is 1.0"
         candidates += [{"recipe": "frozen, flip-averaged features", "skipped": reason},
+                       {"recipe": TURNS_RECIPE, "skipped": reason},
                        {"recipe": "frozen, fused with a second network", "skipped": reason}]
     elif tuning.hflip and "tta" not in routed[ExtractSettings]:
         mark = time.monotonic()
-        frozen, kept = _try_flip(plain, training, test_part, advice, extraction, sweeping, candidates, deadline,
-                                 tell)
+        frozen, kept = try_flip(plain, training, test_part, advice, extraction, sweeping, candidates, deadline,
+                                tell)
         timings["flip_seconds"] = time.monotonic() - mark
     else:
         candidates.append({"recipe": "frozen, flip-averaged features", "skipped":
                            "--no-hflip: the data has a handedness" if not tuning.hflip else "--tta given"})
+    orientation = None
     if not perfect:
         mark = time.monotonic()
-        frozen, kept = _try_partner(frozen, kept, training, test_part, advice, extraction, sweeping, candidates,
-                                    deadline, tell)
+        finetune_follows = _why_not_finetune(frozen, advice, planning, tuning) is None
+        orientation, frozen, kept = try_turns(frozen, kept, training, test_part, advice, extraction, sweeping,
+                                              tuning, routed, candidates, deadline, tell,
+                                              finetune_follows=finetune_follows)
+        timings["turns_seconds"] = time.monotonic() - mark
+        mark = time.monotonic()
+        frozen, kept = try_partner(frozen, kept, training, test_part, advice, extraction, sweeping, candidates,
+                                   deadline, tell)
         timings["second_network_seconds"] = time.monotonic() - mark
     if out is not None:
         plain.save(out)  # the whole table and its plots
         if frozen is not plain:
             frozen.save(out, tables=False)  # the flip-averaged or fused winner's saved model
 
-    chose_flip = frozen.inputs.tta == "flip" and "tta" not in routed[ExtractSettings]
-    flip = " (flip-averaged features)" if chose_flip else ""
+    averaged = {"flip": " (flip-averaged features)", "d4": " (features averaged over quarter turns and flips)"}
+    flip = averaged.get(frozen.inputs.tta, "") if "tta" not in routed[ExtractSettings] else ""
     stage, result, why = "sweep", frozen, (f"frozen {frozen.best['head']} on {frozen.best['layer']}{flip}: best "
                                            f"cross-validated accuracy {frozen.best['cv_accuracy']:.4f}")
     mark = time.monotonic()
+    if orientation is not None and orientation["has_up"] is False and "rotate" not in routed[FinetuneSettings]:
+        tuning = dataclasses.replace(tuning, rotate=True)  # measured: the labels survive a quarter turn
     tuned = _try_finetune(frozen, training, test_part, advice, tuning, routed, planning, candidates, deadline,
                           out, tell)
     if tuned is None:
@@ -174,91 +186,6 @@ def run(data, *, test=None, out: str | Path | None = None, say: Callable[[str], 
     timings["run_seconds"] = time.monotonic() - started
     return RunOutcome(advice=advice, stage=stage, result=result, out=Path(out) if out is not None else None,
                       timings=timings, candidates=candidates, why=why, frozen=plain)
-
-
-# ----------------------------------------------------------------------------- frozen heads
-def _frozen(training, test_part, advice: Advice, extraction, sweeping, routed, tell):
-    """The frozen sweep over the measured similarity's depths and their fusions."""
-    from ._sweep import sweep
-
-    similar = advice.evidence["similarity"]["similar"]
-    layers = extraction.layers if "layers" in routed[ExtractSettings] else \
-        tuple(SIMILAR_LAYERS if similar else DIFFERENT_LAYERS)
-    logger.info("sweeping %s heads over %s", ", ".join(sweeping.heads), ", ".join(layers))
-    mark = time.monotonic()
-    result = sweep(training, sweeping, test=test_part, extraction=dataclasses.replace(extraction, layers=layers))
-    best = result.best
-    candidates = [{"recipe": "frozen", "layer": best["layer"], "head": best["head"], "params": best["params"],
-                   "cv_accuracy": best["cv_accuracy"], "seconds": round(time.monotonic() - mark, 2)}]
-    tell(f"  frozen: {best['head']} on {best['layer']}, CV {best['cv_accuracy']:.4f}")
-    return result, candidates
-
-
-def _try_flip(frozen, training, test_part, advice: Advice, extraction, sweeping, candidates, deadline, tell):
-    """The winning row again on flip-averaged features (one more forward pass of twice the
-    images); the better cross-validated accuracy is kept: (result, its candidate entry)."""
-    entry = {"recipe": "frozen, flip-averaged features"}
-    estimate = _extraction_estimate(advice, training, test_part, 2.0)  # the image and its mirror
-    return _try_variant(frozen, candidates[0], training, test_part, extraction, sweeping, candidates, tell,
-                        entry=entry, label="flip-averaged", layer=frozen.best["layer"], tta="flip",
-                        estimate=estimate, deadline=deadline)
-
-
-def _try_partner(frozen, kept, training, test_part, advice: Advice, extraction, sweeping, candidates, deadline,
-                 tell):
-    """The winning row with the same depths of a second network beside it
-    (:data:`tlp.plan.PARTNERS`, when installed and the row is made of presets): kept when
-    its cross-validated accuracy is higher. Returns (result, its candidate entry)."""
-    from .layers import PRESETS
-    from .models import EMBEDDED
-
-    partner = PARTNERS.get(extraction.model) if extraction.weights is None else None
-    parts = frozen.best["layer"].split("+")
-    entry = {"recipe": "frozen, fused with a second network", "network": partner}
-    if partner is None or importlib.util.find_spec(EMBEDDED[partner].module) is None:
-        candidates.append({**entry, "skipped": f"no second network for {extraction.model} is installed "
-                                               "(pip install tlp[models])"})
-        return frozen, kept
-    if not all(part in PRESETS for part in parts):
-        candidates.append({**entry, "skipped": f"{frozen.best['layer']} names graph nodes of {extraction.model}"})
-        return frozen, kept
-    tta = frozen.inputs.tta
-    estimate = _extraction_estimate(advice, training, test_part, PARTNER_COST * (2 if tta == "flip" else 1))
-    return _try_variant(frozen, kept, training, test_part, extraction, sweeping, candidates, tell, entry=entry,
-                        label=f"with {partner}", layer="+".join(parts + [f"{partner}:{part}" for part in parts]),
-                        tta=tta, estimate=estimate, deadline=deadline)
-
-
-def _try_variant(frozen, kept, training, test_part, extraction, sweeping, candidates, tell, *, entry: dict,
-                 label: str, layer: str, tta: str, estimate: float | None, deadline: float):
-    """The frozen winner's head swept again on other features (``layer`` with ``tta``),
-    if their extraction (``estimate`` seconds) fits before ``deadline``; kept when its
-    cross-validated accuracy is higher (the same folds). Returns (result, its entry)."""
-    from ._sweep import sweep
-
-    head = frozen.best["head"]
-    entry = {**entry, "layer": layer, "head": head, "tta": tta}
-    if time.monotonic() + (estimate or 0.0) > deadline:
-        candidates.append({**entry, "skipped": f"its extraction (about {estimate or 0:.0f} s) does not fit the rest "
-                                               "of --budget"})
-        tell(f"  {label}: skipped ({candidates[-1]['skipped']})")
-        return frozen, kept
-    mark = time.monotonic()
-    result = sweep(training, dataclasses.replace(sweeping, heads=(head,)), test=test_part,
-                   extraction=dataclasses.replace(extraction, layers=(layer,), tta=tta))
-    won = result.best["cv_accuracy"] > frozen.best["cv_accuracy"]
-    candidates.append({**entry, "params": result.best["params"], "cv_accuracy": result.best["cv_accuracy"],
-                       "seconds": round(time.monotonic() - mark, 2), "kept": won})
-    tell(f"  {label}: {head} on {layer}, CV {result.best['cv_accuracy']:.4f} -> {'kept' if won else 'not kept'}")
-    return (result, candidates[-1]) if won else (frozen, kept)
-
-
-def _extraction_estimate(advice: Advice, training: Dataset, test_part, cost: float) -> float | None:
-    """Seconds to extract both parts at ``cost`` times the planner's measured extraction
-    speed (None when the planner's rows all came from the cache and nothing was timed)."""
-    speed = advice.evidence["similarity"].get("extraction", {}).get("images_per_second")
-    n_images = len(training.items) + (len(test_part.items) if test_part is not None else 0)
-    return cost * n_images / speed if speed else None
 
 
 # ----------------------------------------------------------------------------- fine-tuning
@@ -291,6 +218,20 @@ def _choose_recipe(frozen, advice: Advice, tuning, routed, n_images: int, left: 
     return candidate, settings, estimate
 
 
+def _why_not_finetune(frozen, advice: Advice, planning: PlanSettings, tuning: FinetuneSettings) -> str | None:
+    """Why fine-tuning is not measured whatever the budget (small data, no room, no
+    validation images), or None when it is, if its epochs fit."""
+    median = advice.evidence["size"]["median_per_class"]
+    if median < planning.finetune_per_class:
+        return (f"small data: median {median:g} images per class, fine-tuning is measured from "
+                f"{planning.finetune_per_class} (--finetune-per-class)")
+    if frozen.best["cv_accuracy"] >= ROOM:
+        return f"the frozen winner's CV accuracy {frozen.best['cv_accuracy']:.4f} leaves no room (>= {ROOM})"
+    if tuning.val <= 0:
+        return "--val 0: no validation images to compare the recipes on"
+    return None
+
+
 def _try_finetune(frozen, training: Dataset, test_part, advice: Advice, tuning, routed, planning: PlanSettings,
                   candidates, deadline, out, tell):
     """Fine-tune where it may pay and fits; (result, the frozen winner's scores on the same
@@ -300,17 +241,9 @@ def _try_finetune(frozen, training: Dataset, test_part, advice: Advice, tuning, 
 
     left = deadline - time.monotonic()
     candidate, settings, estimate = _choose_recipe(frozen, advice, tuning, routed, len(training.items), left)
-    entry = {"recipe": "fine-tune", "freeze": settings.freeze, "why": candidate["why"]}
-    median = advice.evidence["size"]["median_per_class"]
-    reason = None
-    if median < planning.finetune_per_class:
-        reason = f"small data: median {median:g} images per class, fine-tuning is measured from " \
-                 f"{planning.finetune_per_class} (--finetune-per-class)"
-    elif frozen.best["cv_accuracy"] >= ROOM:
-        reason = f"the frozen winner's CV accuracy {frozen.best['cv_accuracy']:.4f} leaves no room (>= {ROOM})"
-    elif settings.val <= 0:
-        reason = "--val 0: no validation images to compare the recipes on"
-    else:
+    entry = {"recipe": "fine-tune", "freeze": settings.freeze, "rotate": settings.rotate, "why": candidate["why"]}
+    reason = _why_not_finetune(frozen, advice, planning, settings)
+    if reason is None:
         if left <= 0:
             reason = "--budget is spent"
         elif estimate is not None and MIN_EPOCHS * estimate > left:

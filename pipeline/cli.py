@@ -171,8 +171,12 @@ _RUN_LAYERS = {"default": argparse.SUPPRESS,
                        "mid,late,penultimate,mid+late when similar, early,mid,late,mid+late,early+mid+late when "
                        "different)"}
 _RUN_TTA = {"default": argparse.SUPPRESS,
-            "help": "none or flip: use these features only (default: plain, then flip-averaged features for the "
-                    "winning row, kept if their CV is higher; --no-hflip skips that)"}
+            "help": "none, flip or d4: use these features only (default: plain, then flip-averaged features for the "
+                    "winning row, kept if their CV is higher, and where the data has no up and is too small to "
+                    "fine-tune, d4; --no-hflip skips both)"}
+_RUN_ROTATE = {"default": argparse.SUPPRESS, "action": argparse.BooleanOptionalAction,
+               "help": "random quarter turns in fine-tuning (default: measured: on where quarter-turned images "
+                       "are classified as well as upright ones, the data having no up)"}
 
 VERBS = (
     Verb("extract", "cache pooled multi-depth features of a data set", commands.extract, (ExtractSettings,)),
@@ -188,7 +192,8 @@ VERBS = (
     Verb("run", "advise, then measure frozen heads, flip-averaged features, a second network and fine-tuning "
                 "within --budget; keep the best on validation", commands.run,
          (ExtractSettings, SweepSettings, PlanSettings, FinetuneSettings), test=True,
-         defaults={"pool": {"default": "auto"}, "layers": _RUN_LAYERS, "tta": _RUN_TTA}, exclude=("shard",),
+         defaults={"pool": {"default": "auto"}, "layers": _RUN_LAYERS, "tta": _RUN_TTA, "rotate": _RUN_ROTATE},
+         exclude=("shard",),
          out="folder for the plots, results and the winner's saved model (fine-tuning's own folder in finetune/)"),
     Verb("demo", "`tlp run digits --test 0.5 --no-hflip` offline with the default model", commands.demo,
          (ModelOptions,), data=False, out="folder for the plots, results and saved model"),

@@ -30,7 +30,7 @@ import numpy as np
 from .racing import RACE_MIN_GAP, paired_z
 
 __all__ = ["Scored", "Comparison", "EnsembleResult", "BEHIND_P", "MAX_MEMBER_GAP", "softmax", "head_probabilities", "average",
-           "compare"]
+           "behind", "compare"]
 
 # One-sided level at which the validation images count as showing one model behind another.
 BEHIND_P = 0.05
@@ -117,7 +117,7 @@ def average(members: list[Scored], weights: list[float] | None = None) -> Scored
     return Scored(paths, aligned[0].labels, mean, list(first.classes))
 
 
-def _behind(leading: np.ndarray, other: np.ndarray) -> tuple[bool, float]:
+def behind(leading: np.ndarray, other: np.ndarray) -> tuple[bool, float]:
     """Whether ``other`` is clearly behind ``leading`` on the same images, and the z."""
     z = paired_z(leading, other)
     gap = float(leading.mean() - other.mean()) if len(leading) else 0.0
@@ -157,8 +157,8 @@ def compare(frozen: Scored, tuned: Scored) -> Comparison:
     better = "finetune" if accuracy["finetune"] > accuracy["sweep"] else "sweep"
     worse = "sweep" if better == "finetune" else "finetune"
     names = {"sweep": "the frozen winner", "finetune": "the fine-tuned network", "ensemble": "their average"}
-    member_behind, z_members = _behind(right[better], right[worse])
-    average_behind, z_average = _behind(right[better], right["ensemble"])
+    member_behind, z_members = behind(right[better], right[worse])
+    average_behind, z_average = behind(right[better], right["ensemble"])
     z = {f"{worse} behind {better}": z_members, f"ensemble behind {better}": z_average}
     scores = (f"validation accuracy: frozen {accuracy['sweep']:.4f}, fine-tuned {accuracy['finetune']:.4f}, "
               f"average {accuracy['ensemble']:.4f} on the same {len(mean.paths)} images")

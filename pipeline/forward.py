@@ -136,6 +136,23 @@ def batches(prepare: Callable, n: int, *, batch_size: int, workers: int = 0,
         collate_fn=_collate, pin_memory=pin_memory, prefetch_factor=4)
 
 
+# Forward passes of twice the batch (the images and their mirror images) per TTA mode:
+# flip, one; d4, one per quarter turn.
+TTA_VIEWS = {"none": 1, "flip": 1, "d4": 4}
+
+
+def _turned(batch: torch.Tensor, turns: int) -> torch.Tensor:
+    """The batch turned by ``turns`` quarter turns (the square crop keeps its shape)."""
+    if not turns:
+        return batch
+    return batch.rot90(turns, dims=(2, 3)).contiguous(memory_format=torch.channels_last)
+
+
+def _mean(views: list[torch.Tensor]) -> torch.Tensor:
+    """The mean of the views' outputs (the one view itself when there is no TTA)."""
+    return views[0] if len(views) == 1 else torch.stack(views).mean(0)
+
+
 class Forward:
     """A network ready to run uint8 batches: normalise, autocast, forward, pool the taps.
 
@@ -147,7 +164,10 @@ class Forward:
 
     ``tta="flip"`` runs every batch together with its mirror image (one forward pass of
     twice the batch) and returns, per tap, the mean of the two pooled outputs: features
-    that no longer depend on which way the object faces.
+    that no longer depend on which way the object faces. ``tta="d4"`` does the same for
+    the eight symmetries of the square crop (four quarter turns, each with its mirror image:
+    four forward passes of twice the batch): features of data with no up, such as
+    satellite tiles or microscopy, that no longer depend on how the image was turned.
 
     ``fold_bn=True`` runs a copy of the network with its BatchNorms folded into the
     convolutions before them (see :mod:`tlp.folding`; ``n_folded`` says how many).
@@ -164,8 +184,8 @@ class Forward:
                  spec: ModelSpec | None = None, taps: list[Tap] | None = None, pools: dict[str, str] | None = None,
                  tta: str = "none", fold_bn: bool = False):
         tune_cpu_allocator()
-        if tta not in ("none", "flip"):
-            raise ValueError(f"tta must be none or flip, got {tta!r}")
+        if tta not in TTA_VIEWS:
+            raise ValueError(f"tta must be one of {', '.join(TTA_VIEWS)}, got {tta!r}")
         self.prep, self.device, self.precision, self.tta = prep, device, precision, tta
         self.taps, self.pools = taps, pools or {}
         self.n_folded = 0
@@ -197,26 +217,35 @@ class Forward:
     def _run(self, pixels: torch.Tensor):
         with torch.inference_mode():
             batch = normalize(pixels.to(self.device, non_blocking=True), self.prep)
-            n = batch.shape[0]
-            if self.tta == "flip":  # the mirror images ride in the same forward pass
-                batch = torch.cat([batch, batch.flip(-1)]).contiguous(memory_format=torch.channels_last)
-            with autocast(self.device, self.precision):
-                outputs = self.module(batch)
+            views = [self._forward(_turned(batch, turns)) for turns in range(TTA_VIEWS[self.tta])]
             if not self.taps:
-                return self._flip_mean(outputs.float(), n).cpu().numpy()
-            pooled = {}  # pooled in float32, outside autocast (see tlp.pooling.pool)
-            for tap in self.taps:
-                tensor = outputs[tap.node]
-                if tap.name not in self.tap_shapes:
-                    shape = tuple(int(v) for v in tensor.shape[1:])
-                    check_grid_fits(tap.name, tap.node, shape, self.pools.get(tap.name, "avg"), self.prep.crop_size)
-                    self.tap_shapes[tap.name] = shape
-                pooled[tap.name] = self._flip_mean(pool(tensor, self.pools.get(tap.name, "avg")), n).cpu().numpy()
+                return _mean(views).cpu().numpy()
+            return {tap.name: _mean([view[tap.name] for view in views]).cpu().numpy() for tap in self.taps}
+
+    def _forward(self, batch: torch.Tensor):
+        """One forward pass: the network's output, or each tap pooled (in float32, outside
+        autocast: see :func:`tlp.pooling.pool`); with TTA, the rows of the batch and of its
+        mirror image (one pass of twice the batch) averaged."""
+        n = batch.shape[0]
+        if self.tta != "none":  # the mirror images ride in the same forward pass
+            batch = torch.cat([batch, batch.flip(-1)]).contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.precision):
+            outputs = self.module(batch)
+        if not self.taps:
+            return self._flip_mean(outputs.float(), n)
+        pooled = {}
+        for tap in self.taps:
+            tensor = outputs[tap.node]
+            if tap.name not in self.tap_shapes:
+                shape = tuple(int(v) for v in tensor.shape[1:])
+                check_grid_fits(tap.name, tap.node, shape, self.pools.get(tap.name, "avg"), self.prep.crop_size)
+                self.tap_shapes[tap.name] = shape
+            pooled[tap.name] = self._flip_mean(pool(tensor, self.pools.get(tap.name, "avg")), n)
         return pooled
 
     def _flip_mean(self, values: torch.Tensor, n: int) -> torch.Tensor:
-        """The first ``n`` rows, or with flip TTA the mean of each row and its mirror's."""
-        return (values[:n] + values[n:]) / 2 if self.tta == "flip" else values
+        """The first ``n`` rows, or with TTA the mean of each row and its mirror's."""
+        return (values[:n] + values[n:]) / 2 if self.tta != "none" else values
 
     def rows(self, prepare: Callable, n: int, *, batch_size: int, workers: int = 0,
              on_failure: Callable[[list[tuple[int, ImageDecodeError]]], None] | None = None):

