@@ -67,6 +67,11 @@ TRAIN_STEP_COST = 3.0
 # through the early, high-resolution layers too (sign digits, lite0 at 224 px: about 53
 # against 34 s per epoch).
 WHOLE_NETWORK_COST = 1.6
+# What follows the last fine-tuning epoch, reserved from its deadline: the network scores
+# the test part (fp32 on a CPU: about this many extraction passes per image) ...
+TEST_SCORING_COST = 2.0
+# ... and the frozen winner is refit and scored, the outputs saved (EuroSAT: 2.6 s).
+SETTLE_SECONDS = 5.0
 # The candidate averaging the frozen winner's and the fine-tuned network's probabilities.
 ENSEMBLE_RECIPE = "average of the frozen winner and the fine-tuned network"
 
@@ -239,6 +244,7 @@ def _try_finetune(frozen, training: Dataset, test_part, advice: Advice, tuning, 
     when skipped (the reason is in ``candidates``)."""
     from .finetuning.stage import finetune, validation_split
 
+    deadline -= _after_training_seconds(advice, test_part)  # the epochs' own deadline
     left = deadline - time.monotonic()
     candidate, settings, estimate = _choose_recipe(frozen, advice, tuning, routed, len(training.items), left)
     entry = {"recipe": "fine-tune", "freeze": settings.freeze, "rotate": settings.rotate, "why": candidate["why"]}
@@ -267,6 +273,14 @@ def _try_finetune(frozen, training: Dataset, test_part, advice: Advice, tuning, 
     tell(f"  fine-tune (freeze {settings.freeze:g}): validation {result.val_accuracy:.4f}, frozen winner "
          f"{holdout.accuracy:.4f} on the same {result.n_val} images")
     return result, holdout, settings, val_positions
+
+
+def _after_training_seconds(advice: Advice, test_part) -> float:
+    """Seconds reserved after the last fine-tuning epoch, so that the run ends within its
+    budget: the test part's scoring (at the planner's measured speed) and the settling."""
+    speed = advice.evidence["similarity"].get("extraction", {}).get("images_per_second")
+    n_test = len(test_part.items) if test_part is not None else 0
+    return SETTLE_SECONDS + (TEST_SCORING_COST * n_test / speed if speed else 0.0)
 
 
 def _settle(frozen, kept: dict, tuned, training: Dataset, test_part, planning: PlanSettings, candidates, out,

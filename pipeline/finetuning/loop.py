@@ -343,8 +343,8 @@ def train(parts: Parts, settings: FinetuneSettings, recipe: Recipe, *, out: Path
         "backbone_lr_mult": 1.0 if settings.from_scratch else settings.backbone_lr_mult, "epochs": settings.epochs,
         "batch_size": settings.batch_size, "precision": precision, "classifier": network.classifier,
         "optimizer": "AdamW", "schedule": "linear warm-up + cosine", "label_smoothing": settings.label_smoothing,
-        "hflip": settings.hflip, "rotate": settings.rotate, "epochs_run": len(state.history), "image_size": spec.preprocessing.crop_size,
-        "train_size": train_crop, "ranks": ranks.world,
+        "hflip": settings.hflip, "rotate": settings.rotate, "epochs_run": len(state.history),
+        "image_size": spec.preprocessing.crop_size, "train_size": train_crop, "ranks": ranks.world,
     }
     return FinetuneResult(
         model=spec.name, case=recipe.case, classes=list(dataset.classes), n_train=len(parts.train),
