@@ -175,8 +175,8 @@ _RUN_TTA = {"default": argparse.SUPPRESS,
                     "winning row, kept if their CV is higher, and where the data has no up and is too small to "
                     "fine-tune, d4; --no-hflip skips both)"}
 _RUN_ROTATE = {"default": argparse.SUPPRESS, "action": argparse.BooleanOptionalAction,
-               "help": "random quarter turns in fine-tuning (default: measured: on where quarter-turned images "
-                       "are classified as well as upright ones, the data having no up)"}
+               "help": "random quarter turns in fine-tuning (default: measured; on when quarter-turned images "
+                       "are classified as well as upright ones, that is, when the data has no up)"}
 
 VERBS = (
     Verb("extract", "cache pooled multi-depth features of a data set", commands.extract, (ExtractSettings,)),
