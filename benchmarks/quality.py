@@ -16,9 +16,9 @@ oracle (``--oracle``)
     part: the frozen sweep over every layer and head, fused layers (``mid+late``, the
     late layers of lite0 and lite2 together), flip-averaged and d4 features, partial
     fine-tuning (first third frozen) and whole-network fine-tuning, each with and without
-    quarter-turned crops (``--rotate``), and each fine-tune averaged with the frozen CV winners. The oracle's figure is the best
-    *test* accuracy over its recipes, which no honest planner can see: the planner's
-    regret is the oracle's figure minus ``run``'s.
+    quarter-turned crops (``--rotate``), and each fine-tune averaged with the frozen CV
+    winners. The oracle's figure is the best *test* accuracy over its recipes, which no
+    honest planner can see: the planner's regret is the oracle's figure minus ``run``'s.
 
 Run: ``.venv/bin/python benchmarks/quality.py --json benchmarks/results/quality.json``
 (about 15 minutes on 2 cores without ``--oracle``; the oracle may take an hour).

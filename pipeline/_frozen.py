@@ -13,7 +13,7 @@ import time
 
 from .dataset import Dataset
 from .plan import DIFFERENT_LAYERS, PARTNERS, SIMILAR_LAYERS, Advice
-from .settings import ExtractSettings
+from .settings import TTA_PASSES, ExtractSettings
 
 __all__ = ["frozen_sweep", "try_flip", "try_turns", "try_partner", "extraction_estimate", "TURNS_RECIPE",
            "PARTNER_COST"]
@@ -48,7 +48,7 @@ def try_flip(frozen, training, test_part, advice: Advice, extraction, sweeping, 
     """The winning row again on flip-averaged features (one more forward pass of twice the
     images); the better cross-validated accuracy is kept: (result, its candidate entry)."""
     entry = {"recipe": "frozen, flip-averaged features"}
-    estimate = extraction_estimate(advice, training, test_part, 2.0)  # the image and its mirror
+    estimate = extraction_estimate(advice, training, test_part, "flip")
     return _try_variant(frozen, candidates[0], training, test_part, extraction, sweeping, candidates, tell,
                         entry=entry, label="flip-averaged", layer=frozen.best["layer"], tta="flip",
                         estimate=estimate, deadline=deadline)
@@ -80,7 +80,7 @@ def try_turns(frozen, kept, training, test_part, advice: Advice, extraction, swe
             "fine-tuning follows: it trains on quarter-turned crops instead (--rotate)"
         candidates.append({**entry, "orientation": orientation, "skipped": reason})
         return orientation, frozen, kept
-    estimate = extraction_estimate(advice, training, test_part, 8.0)  # four passes of twice the images
+    estimate = extraction_estimate(advice, training, test_part, "d4")
     frozen, kept = _try_variant(frozen, kept, training, test_part, extraction, sweeping, candidates, tell,
                                 entry={"recipe": TURNS_RECIPE, "orientation": orientation},
                                 label="turn- and flip-averaged", layer=frozen.best["layer"], tta="d4",
@@ -116,10 +116,9 @@ def _partner_tta(tta: str, advice: Advice, training, test_part, deadline: float)
     """(TTA, estimated seconds) of the second network's extraction: the winner's, or flip
     when the winner's d4 (eight passes of the bigger network) would not fit the budget
     while flip would: a fused row on flip features beat the d4 row on EuroSAT."""
-    passes = {"none": 1, "flip": 2, "d4": 8}
-    estimate = extraction_estimate(advice, training, test_part, PARTNER_COST * passes[tta])
+    estimate = extraction_estimate(advice, training, test_part, tta, PARTNER_COST)
     if tta == "d4" and time.monotonic() + (estimate or 0.0) > deadline:
-        return "flip", extraction_estimate(advice, training, test_part, PARTNER_COST * passes["flip"])
+        return "flip", extraction_estimate(advice, training, test_part, "flip", PARTNER_COST)
     return tta, estimate
 
 
@@ -147,9 +146,11 @@ def _try_variant(frozen, kept, training, test_part, extraction, sweeping, candid
     return (result, candidates[-1]) if won else (frozen, kept)
 
 
-def extraction_estimate(advice: Advice, training: Dataset, test_part, cost: float) -> float | None:
-    """Seconds to extract both parts at ``cost`` times the planner's measured extraction
-    speed (None when the planner's rows all came from the cache and nothing was timed)."""
+def extraction_estimate(advice: Advice, training: Dataset, test_part, tta: str,
+                        network_cost: float = 1.0) -> float | None:
+    """Seconds to extract both parts with ``tta`` (:data:`tlp.settings.TTA_PASSES` forward
+    passes per image) on a network ``network_cost`` times the planner's, at the planner's
+    measured speed (None when its rows all came from the cache and nothing was timed)."""
     speed = advice.evidence["similarity"].get("extraction", {}).get("images_per_second")
     n_images = len(training.items) + (len(test_part.items) if test_part is not None else 0)
-    return cost * n_images / speed if speed else None
+    return network_cost * TTA_PASSES[tta] * n_images / speed if speed else None

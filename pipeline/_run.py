@@ -174,8 +174,8 @@ def run(data, *, test=None, out: str | Path | None = None, say: Callable[[str], 
             frozen.save(out, tables=False)  # the flip-averaged or fused winner's saved model
 
     averaged = {"flip": " (flip-averaged features)", "d4": " (features averaged over quarter turns and flips)"}
-    flip = averaged.get(frozen.inputs.tta, "") if "tta" not in routed[ExtractSettings] else ""
-    stage, result, why = "sweep", frozen, (f"frozen {frozen.best['head']} on {frozen.best['layer']}{flip}: best "
+    chosen_tta = averaged.get(frozen.inputs.tta, "") if "tta" not in routed[ExtractSettings] else ""
+    stage, result, why = "sweep", frozen, (f"frozen {frozen.best['head']} on {frozen.best['layer']}{chosen_tta}: best "
                                            f"cross-validated accuracy {frozen.best['cv_accuracy']:.4f}")
     mark = time.monotonic()
     if orientation is not None and orientation["has_up"] is False and "rotate" not in routed[FinetuneSettings]:

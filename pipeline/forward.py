@@ -33,6 +33,7 @@ from .models import ModelSpec, Preprocessing
 from .pooling import check_grid_fits, pool
 from .preprocess import load_pixels, normalize
 from .scan import read_image_file
+from .settings import TTA_PASSES
 
 __all__ = ["Batch", "PreparedImages", "FileBytes", "ItemBytes", "stack_channels_last", "batches", "Forward"]
 
@@ -136,9 +137,10 @@ def batches(prepare: Callable, n: int, *, batch_size: int, workers: int = 0,
         collate_fn=_collate, pin_memory=pin_memory, prefetch_factor=4)
 
 
-# Forward passes of twice the batch (the images and their mirror images) per TTA mode:
-# flip, one; d4, one per quarter turn.
-TTA_VIEWS = {"none": 1, "flip": 1, "d4": 4}
+def _views(tta: str) -> int:
+    """Forward passes per batch: one plain pass without TTA, else one pass of twice the
+    batch (the images and their mirror images) per quarter turn (see TTA_PASSES)."""
+    return max(1, TTA_PASSES[tta] // 2)
 
 
 def _turned(batch: torch.Tensor, turns: int) -> torch.Tensor:
@@ -184,8 +186,8 @@ class Forward:
                  spec: ModelSpec | None = None, taps: list[Tap] | None = None, pools: dict[str, str] | None = None,
                  tta: str = "none", fold_bn: bool = False):
         tune_cpu_allocator()
-        if tta not in TTA_VIEWS:
-            raise ValueError(f"tta must be one of {', '.join(TTA_VIEWS)}, got {tta!r}")
+        if tta not in TTA_PASSES:
+            raise ValueError(f"tta must be one of {', '.join(TTA_PASSES)}, got {tta!r}")
         self.prep, self.device, self.precision, self.tta = prep, device, precision, tta
         self.taps, self.pools = taps, pools or {}
         self.n_folded = 0
@@ -217,7 +219,7 @@ class Forward:
     def _run(self, pixels: torch.Tensor):
         with torch.inference_mode():
             batch = normalize(pixels.to(self.device, non_blocking=True), self.prep)
-            views = [self._forward(_turned(batch, turns)) for turns in range(TTA_VIEWS[self.tta])]
+            views = [self._forward(_turned(batch, turns)) for turns in range(_views(self.tta))]
             if not self.taps:
                 return _mean(views).cpu().numpy()
             return {tap.name: _mean([view[tap.name] for view in views]).cpu().numpy() for tap in self.taps}

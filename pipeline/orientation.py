@@ -33,8 +33,6 @@ ORIENTATION_IMAGES = 400
 # Fewer held-out images than this cannot show a drop of the photos' size reliably: the
 # answer is then "not measured" (None), and nothing that assumes no up is done.
 MIN_ORIENTATION_IMAGES = 40
-# The k-NN probe's neighbours (as the planner's similarity probe).
-_PROBE_K = 10
 
 
 def measure_orientation(training: Dataset, extraction, seed: int = 0) -> dict:
@@ -50,6 +48,7 @@ def measure_orientation(training: Dataset, extraction, seed: int = 0) -> dict:
     from .ensemble import behind
     from .featurefile import FeatureFile
     from .heads import make_head
+    from .plan import PROBE_K
 
     started = time.monotonic()
     upright = dataclasses.replace(extraction, layers=("late",), pool="avg", tta="none", shard=None,
@@ -64,7 +63,7 @@ def measure_orientation(training: Dataset, extraction, seed: int = 0) -> dict:
                 "training images or a class with fewer than 4, too few to hold some out and tell"}
     fit, held = train_test_split(np.arange(len(paths)), test_size=n_held, stratify=labels, random_state=seed)
     held = np.sort(held)
-    probe = make_head("knn", {"k": max(1, min(_PROBE_K, int(np.bincount(labels[fit]).min()) - 1))})
+    probe = make_head("knn", {"k": max(1, min(PROBE_K, int(np.bincount(labels[fit]).min()) - 1))})
     probe.fit(X[fit], labels[fit])
     turned = _turned_features(training, [paths[i] for i in held], upright, result.precision)
     right_upright = probe.predict(X[held]) == labels[held]

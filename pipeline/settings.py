@@ -41,6 +41,10 @@ DEFAULT_HEADS = ("softmax", "svm", "mlp", "knn")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FINETUNE_CASES = ("auto", "3", "4")
 TTA_CHOICES = ("none", "flip", "d4")
+# Images through the network per input image, per TTA mode: the image alone; with its
+# mirror image; the four quarter turns of both (what extraction costs, and how tlp.forward
+# runs them: passes of twice the batch, one per quarter turn).
+TTA_PASSES = {"none": 1, "flip": 2, "d4": 8}
 
 
 # ----------------------------------------------------------------------------- parsers
