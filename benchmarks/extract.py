@@ -63,7 +63,7 @@ from PIL import Image, ImageEnhance, ImageOps
 import tlp
 from tlp import layers as tlp_layers
 from tlp import models as tlp_models
-from tlp.device import autocast, cpu_has_native_bf16, tune_cpu_allocator
+from tlp.device import autocast, cpu_has_native_bf16, default_workers, tune_cpu_allocator
 from tlp.files import forget_file_hashes
 from tlp.folding import fold_batchnorm
 from tlp.images import decode_image
@@ -327,7 +327,8 @@ def _forget_process_memos() -> None:
     forget_file_hashes()
 
 
-def run_tlp(root: Path, cache_dir: Path, device: torch.device = CPU, batch_size: int = BATCH_SIZE):
+def run_tlp(root: Path, cache_dir: Path, device: torch.device = CPU, batch_size: int = BATCH_SIZE,
+            workers: int | None = None):
     """One ``tlp.extract`` call with default settings; returns (seconds, result).
 
     The device is named (``cpu`` unless ``--device`` says otherwise): on a machine with
@@ -337,7 +338,7 @@ def run_tlp(root: Path, cache_dir: Path, device: torch.device = CPU, batch_size:
     _forget_process_memos()
     start = time.perf_counter()
     result = tlp.extract(str(root), cache_dir=str(cache_dir), layers=LAYERS, device=str(device),
-                         batch_size=batch_size, progress=False)
+                         batch_size=batch_size, workers=workers, progress=False)
     return time.perf_counter() - start, result
 
 
@@ -419,7 +420,7 @@ def _settings(args, n: int) -> dict:
     }
 
 
-def _machine(precision: str, busy: tuple) -> dict:
+def _machine(precision: str, busy: tuple, device: torch.device, workers: int | None) -> dict:
     return {
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -429,7 +430,8 @@ def _machine(precision: str, busy: tuple) -> dict:
         "cpu_has_native_bf16": cpu_has_native_bf16(),
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "resolved_precision": precision,
-        "tlp_default_workers": "0 on CPU (threads between forward passes)",
+        # Decoding processes of tlp's calls (0: threads between forward passes, the CPU's default).
+        "tlp_workers": default_workers(workers, device),
         "glibc_allocator_tuned": TUNED_ALLOCATOR,
         # Share of the CPU busy in the second before and after the run: other processes
         # running meanwhile make every number here slower and noisier.
@@ -491,7 +493,7 @@ def build_report(args, n, profile, normalize_s, variants, naive_s, cold_runs, wa
         ),
         "naive_vs_tlp_min_cosine": cosine,
         "settings": _settings(args, n),
-        "machine": _machine(precision, busy),
+        "machine": _machine(precision, busy, torch.device(args.device), args.workers),
     }
 
 
@@ -553,6 +555,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "script and tlp run")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
                         help=f"tlp's and the naive script's batch, and one of the limit's (default {BATCH_SIZE})")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="tlp's decoding processes (default tlp's: 0 on a CPU, up to 8 on a GPU)")
     args = parser.parse_args(argv)
     if args.n_images is None:
         args.n_images = PHOTOS[args.photos]["n_images"]
@@ -597,8 +601,9 @@ def run(args, work: Path) -> dict:
     inputs, normalize_s = time_normalize(profile.pixels, spec.preprocessing, args.batch_size)
     variants = bare_forward(spec, taps, inputs, args.bare_repeats, device, args.batch_size)
     del inputs
-    cold_runs = [run_tlp(root, work / f"cache-{repeat}", device, args.batch_size) for repeat in range(args.repeats)]
-    warm_runs = [run_tlp(root, work / f"cache-{args.repeats - 1}", device, args.batch_size)
+    cold_runs = [run_tlp(root, work / f"cache-{repeat}", device, args.batch_size, args.workers)
+                 for repeat in range(args.repeats)]
+    warm_runs = [run_tlp(root, work / f"cache-{args.repeats - 1}", device, args.batch_size, args.workers)
                  for _ in range(args.warm_repeats)]
     for _, result in warm_runs:
         if result.n_extracted != 0:  # a warm call that runs the network is a broken cache

@@ -2,12 +2,16 @@
 # The GPU check: everything tlp does only on CUDA, in one run of at most 8 minutes on a
 # single GPU with 16 CPU cores, so that a GPU lent for a few minutes is enough.
 #
-#   benchmarks/gpu_check.sh OUT [--dry-run] [--python PY] [--venv DIR]
+#   benchmarks/gpu_check.sh OUT [--dry-run] [--python PY] [--venv DIR] [--wheels DIR]
 #
 # Steps (each timed; the log and one JSON go into OUT):
 #   1. venv: DIR (default .venv-gpu in the checkout) with the CUDA build of the pinned
 #      torch/torchvision from the package registry (PyPI's Linux wheels are CUDA builds)
 #      and tlp[test,models]; kept and reused when it already imports a CUDA torch.
+#      Offline (the registry does not answer within seconds), DIR/bin/python is instead the
+#      machine's own python3 and its CUDA torch, with what that python lacks installed from
+#      --wheels DIR (pip --no-index) into DIR/site and tlp linked from the checkout; the
+#      JSON names the torch that ran.
 #   2. facts: nvidia-smi, torch's CUDA version, device name and capability, GPU count.
 #   3. tests: `pytest -m gpu` (autocast fp32/bf16/fp16 features against the CPU's, pinned
 #      memory with DataLoader workers, fp16 fine-tuning with a gradient scaler and its
@@ -27,15 +31,16 @@
 # checkout's .venv (made by `make setup`) unless --python names an interpreter.
 set -uo pipefail
 
-usage() { echo "usage: $0 OUT [--dry-run] [--python PY] [--venv DIR]" >&2; exit 2; }
+usage() { echo "usage: $0 OUT [--dry-run] [--python PY] [--venv DIR] [--wheels DIR]" >&2; exit 2; }
 [ $# -ge 1 ] || usage
 OUT=$1; shift
-DRY_RUN=0; PY=""; VENV=""
+DRY_RUN=0; PY=""; VENV=""; WHEELS=""
 while [ $# -gt 0 ]; do
     case $1 in
         --dry-run) DRY_RUN=1 ;;
         --python) [ $# -ge 2 ] || usage; PY=$2; shift ;;
         --venv) [ $# -ge 2 ] || usage; VENV=$2; shift ;;
+        --wheels) [ $# -ge 2 ] || usage; WHEELS=$(cd "$2" 2>/dev/null && pwd) || { echo "gpu_check: no folder $2 (--wheels)" >&2; exit 2; }; shift ;;
         *) usage ;;
     esac
     shift
@@ -66,10 +71,32 @@ run_step() {  # name timeout command...: run, log, time; sets STEP_STATUS and ST
     say "== $name: $STEP_STATUS in ${STEP_SECONDS}s"
 }
 
+registry_answers() {  # can pip reach its index within seconds? (a lent GPU may be offline)
+    timeout 30 python3 -m pip download --quiet --no-deps --retries 0 --timeout 5 \
+        --dest "$(mktemp -d)" pip >/dev/null 2>&1
+}
+offline_venv() {  # VENV/bin/python: python3 (its CUDA torch) with --wheels and tlp on its path
+    python3 -c "import torch" || { echo "python3 has no torch and the registry is out of reach"; return 1; }
+    # No venv module: python3 may itself be a venv whose packages a new venv would not see,
+    # or lack ensurepip. A folder on PYTHONPATH holds what python3 lacks, and tlp is the
+    # checkout's pipeline/ folder (setup.cfg's package_dir), linked, so nothing is built.
+    local site_dir=$VENV/site real
+    real=$(python3 -c "import sys; print(sys.executable)") || return 1
+    mkdir -p "$site_dir" "$VENV/bin" || return 1
+    if [ -n "$WHEELS" ]; then
+        python3 -m pip install --quiet --no-index --no-deps --target "$site_dir" "$WHEELS"/*.whl || return 1
+    fi
+    ln -sfn "$ROOT/pipeline" "$site_dir/tlp" || return 1
+    printf '#!/bin/sh\nexport PYTHONPATH="%s${PYTHONPATH:+:$PYTHONPATH}"\nexec "%s" "$@"\n' "$site_dir" "$real" > "$PY" || return 1
+    chmod +x "$PY" || return 1
+    "$PY" -c "import tlp, torch; print('tlp', tlp.__version__, 'on torch', torch.__version__, 'cuda', torch.version.cuda)"
+}
+export -f offline_venv
+
 # ----------------------------------------------------------------------------- 1. venv
 if [ $DRY_RUN -eq 1 ]; then
     PY=${PY:-$ROOT/.venv/bin/python}
-    say "dry run: would build ${VENV:-$ROOT/.venv-gpu}: python3 -m venv; pip install $TORCH_PINS; pip install -e .[test,models]"
+    say "dry run: would build ${VENV:-$ROOT/.venv-gpu}: python3 -m venv; pip install $TORCH_PINS; pip install -e .[test,models] (offline: python3's own torch, with --wheels)"
     if [ ! -x "$PY" ]; then
         run_step venv 900 make setup
         step_json venv "$STEP_STATUS" "$STEP_SECONDS" "\"python\": \"$PY\", \"dry_run\": true"
@@ -84,10 +111,16 @@ else
     if [ -x "$PY" ] && "$PY" -c "import torch, tlp; assert torch.version.cuda" >/dev/null 2>&1; then
         step_json venv "reused" 0 "\"python\": \"$PY\""
         say "== venv: reusing $VENV"
-    else
+    elif registry_answers; then
         run_step venv 420 bash -c "python3 -m venv '$VENV' && '$PY' -m pip install --quiet --upgrade pip \
             && '$PY' -m pip install --quiet $TORCH_PINS && '$PY' -m pip install --quiet -e '.[test,models]'"
-        step_json venv "$STEP_STATUS" "$STEP_SECONDS" "\"python\": \"$PY\""
+        step_json venv "$STEP_STATUS" "$STEP_SECONDS" "\"python\": \"$PY\", \"source\": \"registry\""
+        say "building the venv took ${STEP_SECONDS}s"
+    else
+        say "== venv: the package registry does not answer; building on python3's own torch"
+        export VENV PY WHEELS ROOT
+        run_step venv 180 bash -c offline_venv
+        step_json venv "$STEP_STATUS" "$STEP_SECONDS" "\"python\": \"$PY\", \"source\": \"offline: python3's torch${WHEELS:+, wheels from $WHEELS}\""
         say "building the venv took ${STEP_SECONDS}s"
     fi
 fi
