@@ -116,6 +116,12 @@ def _collate(samples) -> Batch:
     return _batch([s[0] for s in samples], [s[1] for s in samples])
 
 
+# Images one DataLoader worker decodes per task. A whole forward batch per task (256 on a
+# GPU) leaves most workers idle on small sets and delays the first batch by a whole batch's
+# decode; a few dozen keeps every worker busy at a small per-task cost (one message each).
+WORKER_CHUNK = 32
+
+
 def batches(prepare: Callable, n: int, *, batch_size: int, workers: int = 0,
             pin_memory: bool = False) -> Iterator[Batch]:
     """Positions 0..n-1 in order, as batches of prepared pixels.
@@ -124,7 +130,8 @@ def batches(prepare: Callable, n: int, *, batch_size: int, workers: int = 0,
     forward passes: on a CPU the forward pass already keeps every core busy, and decoding
     processes running beside it make its OpenMP threads wait on each other (PIL and
     torch's resize release the GIL, so the threads use every core). ``workers > 0``
-    uses DataLoader processes, which overlap decoding with a GPU's work.
+    uses DataLoader processes, which overlap decoding with a GPU's work; each decodes
+    chunks of a batch (:data:`WORKER_CHUNK` images at most), joined here into the batch.
     """
     if workers == 0:
         with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool_:
@@ -132,9 +139,38 @@ def batches(prepare: Callable, n: int, *, batch_size: int, workers: int = 0,
                 positions = range(start, min(start + batch_size, n))
                 yield _batch(positions, list(pool_.map(prepare, positions)))
         return
-    yield from torch.utils.data.DataLoader(
-        _PositionSet(prepare, n), batch_size=batch_size, shuffle=False, num_workers=workers,
-        collate_fn=_collate, pin_memory=pin_memory, prefetch_factor=4)
+    chunk = _chunk_size(batch_size)
+    chunks = torch.utils.data.DataLoader(
+        _PositionSet(prepare, n), batch_size=chunk, shuffle=False, num_workers=workers,
+        collate_fn=_collate, prefetch_factor=4)
+    pending: list[Batch] = []
+    for part in chunks:
+        pending.append(part)
+        if len(pending) * chunk == batch_size:
+            yield _joined(pending, pin_memory)
+            pending = []
+    if pending:
+        yield _joined(pending, pin_memory)
+
+
+def _chunk_size(batch_size: int) -> int:
+    """The largest divisor of ``batch_size`` up to :data:`WORKER_CHUNK`, so that whole
+    chunks make whole batches (the batches are the same positions as without chunks)."""
+    return next(size for size in range(min(batch_size, WORKER_CHUNK), 0, -1) if batch_size % size == 0)
+
+
+def _joined(parts: list[Batch], pin_memory: bool) -> Batch:
+    """Consecutive chunks as one batch; its pixels in page-locked memory for the GPU copy."""
+    if len(parts) == 1 and not pin_memory:
+        return parts[0]
+    decoded = [part.pixels for part in parts if part.pixels is not None]
+    pixels = None
+    if decoded:
+        pixels = torch.cat(decoded).contiguous(memory_format=torch.channels_last)
+        if pin_memory:
+            pixels = pixels.pin_memory()
+    return Batch([p for part in parts for p in part.positions], [p for part in parts for p in part.good],
+                 pixels, [f for part in parts for f in part.failures])
 
 
 def _views(tta: str) -> int:

@@ -198,11 +198,16 @@ def test_digits_builtin(cache_dir):
     assert [item.label for item in dataset.items] == list(labels)
 
 
-def test_decoding_strategy_does_not_change_numbers(image_folder, tmp_path):
-    threads = extract(image_folder, cache_dir=tmp_path / "threads", **{**FAST, "workers": 0})
-    processes = extract(image_folder, cache_dir=tmp_path / "processes", **{**FAST, "workers": 2})
+@pytest.mark.parametrize("batch_size", [8, 40])  # 40: each batch joined from two worker chunks
+def test_decoding_strategy_does_not_change_numbers(image_folder, tmp_path, batch_size):
+    (image_folder / "dog" / "broken.jpg").write_bytes(b"not an image")  # skipped by both
+    settings = {**FAST, "batch_size": batch_size, "on_error": "skip"}
+    threads = extract(image_folder, cache_dir=tmp_path / "threads", **{**settings, "workers": 0})
+    processes = extract(image_folder, cache_dir=tmp_path / "processes", **{**settings, "workers": 2})
     assert threads.key == processes.key
+    assert [s["path"] for s in processes.skipped] == [s["path"] for s in threads.skipped] == ["dog/broken.jpg"]
     with FeatureFile(threads.path) as a, FeatureFile(processes.path) as b:
+        assert list(a.paths) == list(b.paths) and len(a.paths) == 24
         for layer in a.layers:
             np.testing.assert_array_equal(a.load(layer), b.load(layer))
 

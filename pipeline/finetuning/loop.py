@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,6 +161,19 @@ class _Run:
     step_model: nn.Module  # what the training step calls: the model, or DDP around it
 
 
+def _step_schedule(scheduler, *, skipped_steps_expected: bool) -> None:
+    """One step of the per-batch schedule, also after a step the gradient scaler skipped
+    (its first steps find inf gradients while it lowers its scale): the schedule stays in
+    lockstep with the batches, and torch's warning that the optimizer did not step is
+    expected there, so it is not shown."""
+    if not skipped_steps_expected:
+        scheduler.step()
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before", category=UserWarning)
+        scheduler.step()
+
+
 def _train_epoch(run: _Run, positions: list[int], epoch: int) -> dict:
     from tqdm.auto import tqdm
 
@@ -190,7 +204,7 @@ def _train_epoch(run: _Run, positions: list[int], epoch: int) -> dict:
                 run.scaler.scale(weighted).backward()
                 run.scaler.step(run.optimizer)
                 run.scaler.update()
-            run.scheduler.step()
+            _step_schedule(run.scheduler, skipped_steps_expected=run.scaler is not None)
             seen += len(targets)
             loss_sum += float(loss.detach()) * len(targets)
             correct += int((logits.argmax(1) == targets).sum())
