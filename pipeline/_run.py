@@ -149,10 +149,14 @@ def run(data, *, test=None, out: str | Path | None = None, say: Callable[[str], 
                        {"recipe": TURNS_RECIPE, "skipped": reason},
                        {"recipe": "frozen, fused with a second network", "skipped": reason}]
     elif tuning.hflip and "tta" not in routed[ExtractSettings]:
-        mark = time.monotonic()
-        frozen, kept = try_flip(plain, training, test_part, advice, extraction, sweeping, candidates, deadline,
-                                tell)
-        timings["flip_seconds"] = time.monotonic() - mark
+        why_not_flip = _why_not_flip(plain, training, test_part, advice, tuning, routed, planning, deadline)
+        if why_not_flip is not None:
+            candidates.append({"recipe": "frozen, flip-averaged features", "skipped": why_not_flip})
+        else:
+            mark = time.monotonic()
+            frozen, kept = try_flip(plain, training, test_part, advice, extraction, sweeping, candidates, deadline,
+                                    tell)
+            timings["flip_seconds"] = time.monotonic() - mark
     else:
         candidates.append({"recipe": "frozen, flip-averaged features", "skipped":
                            "--no-hflip: the data has a handedness" if not tuning.hflip else "--tta given"})
@@ -237,6 +241,21 @@ def _why_not_finetune(frozen, advice: Advice, planning: PlanSettings, tuning: Fi
     return None
 
 
+def _why_not_flip(frozen, training: Dataset, test_part, advice: Advice, tuning, routed, planning: PlanSettings,
+                  deadline: float) -> str | None:
+    """Why flip-averaged features are not measured, or None: fine-tuning follows and its
+    epochs already do not all fit the budget, so the extraction passes flip would cost
+    (twice the images) go to its epochs instead."""
+    if _why_not_finetune(frozen, advice, planning, tuning) is not None:
+        return None
+    left = deadline - _after_training_seconds(advice, test_part) - time.monotonic()
+    _, settings, estimate = _choose_recipe(frozen, advice, tuning, routed, len(training.items), left)
+    if estimate is None or settings.epochs * estimate <= left or MIN_EPOCHS * estimate > left:
+        return None  # all its epochs fit anyway, or fine-tuning will not run: flip is measured
+    return (f"fine-tuning follows, and its {settings.epochs} epochs (about {estimate:.0f} s each) already do not "
+            f"all fit the {max(left, 0):.0f} s left: the budget goes to its epochs")
+
+
 def _try_finetune(frozen, training: Dataset, test_part, advice: Advice, tuning, routed, planning: PlanSettings,
                   candidates, deadline, out, tell):
     """Fine-tune where it may pay and fits; (result, the frozen winner's scores on the same
@@ -244,8 +263,10 @@ def _try_finetune(frozen, training: Dataset, test_part, advice: Advice, tuning, 
     when skipped (the reason is in ``candidates``)."""
     from .finetuning.stage import finetune, validation_split
 
-    deadline -= _after_training_seconds(advice, test_part)  # the epochs' own deadline
-    left = deadline - time.monotonic()
+    # The estimate before any epoch ran; the epochs themselves reserve the test part's
+    # scoring at their measured pace, so they are given the settling time's deadline.
+    left = deadline - _after_training_seconds(advice, test_part) - time.monotonic()
+    deadline -= SETTLE_SECONDS
     candidate, settings, estimate = _choose_recipe(frozen, advice, tuning, routed, len(training.items), left)
     entry = {"recipe": "fine-tune", "freeze": settings.freeze, "rotate": settings.rotate, "why": candidate["why"]}
     reason = _why_not_finetune(frozen, advice, planning, settings)

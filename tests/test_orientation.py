@@ -156,6 +156,7 @@ def _run(data, report, cache_dir, *more: str) -> dict:
 
 
 TURNS = "frozen, features averaged over quarter turns and flips (d4)"
+FLIP = "frozen, flip-averaged features"
 
 
 def test_run_measures_d4_features_or_trains_on_turned_crops_only_where_the_data_has_no_up(tmp_path, cache_dir):
@@ -167,9 +168,16 @@ def test_run_measures_d4_features_or_trains_on_turned_crops_only_where_the_data_
     assert small[TURNS]["orientation"]["has_up"] is False and small[TURNS]["tta"] == "d4"
     assert "cv_accuracy" in small[TURNS] and small[TURNS]["kept"] in (True, False)
 
-    tuned = _run(tmp_path / "tints", report, cache_dir, "--finetune-per-class", "10", "--epochs", "1")
+    # 1000 epochs cannot fit the budget: the flip step's passes go to fine-tuning's epochs
+    # (which early stopping then ends after a few). A fresh cache: the estimate needs a
+    # timed extraction.
+    tuned = _run(tmp_path / "tints", report, tmp_path / "fresh-cache", "--finetune-per-class", "10",
+                 "--epochs", "1000", "--patience", "1")
     assert tuned[TURNS]["skipped"].startswith("fine-tuning follows") and tuned["fine-tune"]["rotate"] is True
+    assert "1000 epochs" in tuned[FLIP]["skipped"] and "the budget goes to its epochs" in tuned[FLIP]["skipped"]
+    assert 1 <= tuned["fine-tune"]["epochs_run"] < 1000
 
     upright = _run(tmp_path / "stripes", report, cache_dir, "--finetune-per-class", "10", "--epochs", "1")
     assert upright[TURNS]["orientation"]["has_up"] is True and "has an up" in upright[TURNS]["skipped"]
     assert upright["fine-tune"]["rotate"] is False
+    assert "cv_accuracy" in upright[FLIP]  # its one epoch fits: flip-averaged features are measured
