@@ -72,8 +72,12 @@ run_step() {  # name timeout command...: run, log, time; sets STEP_STATUS and ST
 }
 
 registry_answers() {  # can pip reach its index within seconds? (a lent GPU may be offline)
-    timeout 30 python3 -m pip download --quiet --no-deps --retries 0 --timeout 5 \
-        --dest "$(mktemp -d)" pip >/dev/null 2>&1
+    local probe rc
+    probe=$(mktemp -d) || return 1
+    timeout 30 python3 -m pip download --quiet --no-deps --retries 0 --timeout 5 --dest "$probe" pip >/dev/null 2>&1
+    rc=$?
+    rm -rf "$probe"
+    return $rc
 }
 offline_venv() {  # VENV/bin/python: python3 (its CUDA torch) with --wheels and tlp on its path
     python3 -c "import torch" || { echo "python3 has no torch and the registry is out of reach"; return 1; }
