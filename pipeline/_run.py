@@ -248,8 +248,7 @@ def _why_not_flip(frozen, training: Dataset, test_part, advice: Advice, tuning, 
     (twice the images) go to its epochs instead."""
     if _why_not_finetune(frozen, advice, planning, tuning) is not None:
         return None
-    left = deadline - _after_training_seconds(advice, test_part) - time.monotonic()
-    _, settings, estimate = _choose_recipe(frozen, advice, tuning, routed, len(training.items), left)
+    left, _, settings, estimate = _finetune_outlook(frozen, training, test_part, advice, tuning, routed, deadline)
     if estimate is None or settings.epochs * estimate <= left or MIN_EPOCHS * estimate > left:
         return None  # all its epochs fit anyway, or fine-tuning will not run: flip is measured
     return (f"fine-tuning follows, and its {settings.epochs} epochs (about {estimate:.0f} s each) already do not "
@@ -263,11 +262,11 @@ def _try_finetune(frozen, training: Dataset, test_part, advice: Advice, tuning, 
     when skipped (the reason is in ``candidates``)."""
     from .finetuning.stage import finetune, validation_split
 
-    # The estimate before any epoch ran; the epochs themselves reserve the test part's
-    # scoring at their measured pace, so they are given the settling time's deadline.
-    left = deadline - _after_training_seconds(advice, test_part) - time.monotonic()
+    left, candidate, settings, estimate = _finetune_outlook(frozen, training, test_part, advice, tuning, routed,
+                                                            deadline)
+    # The epochs themselves reserve the test part's scoring at their measured pace, so
+    # they are given the settling time's deadline.
     deadline -= SETTLE_SECONDS
-    candidate, settings, estimate = _choose_recipe(frozen, advice, tuning, routed, len(training.items), left)
     entry = {"recipe": "fine-tune", "freeze": settings.freeze, "rotate": settings.rotate, "why": candidate["why"]}
     reason = _why_not_finetune(frozen, advice, planning, settings)
     if reason is None:
@@ -294,6 +293,15 @@ def _try_finetune(frozen, training: Dataset, test_part, advice: Advice, tuning, 
     tell(f"  fine-tune (freeze {settings.freeze:g}): validation {result.val_accuracy:.4f}, frozen winner "
          f"{holdout.accuracy:.4f} on the same {result.n_val} images")
     return result, holdout, settings, val_positions
+
+
+def _finetune_outlook(frozen, training: Dataset, test_part, advice: Advice, tuning, routed, deadline: float):
+    """Fine-tuning as seen before any epoch ran: (seconds left for its epochs, the budget
+    less the test part's estimated scoring and the settling; the recipe; its settings; its
+    estimated seconds per epoch, or None)."""
+    left = deadline - _after_training_seconds(advice, test_part) - time.monotonic()
+    candidate, settings, estimate = _choose_recipe(frozen, advice, tuning, routed, len(training.items), left)
+    return left, candidate, settings, estimate
 
 
 def _after_training_seconds(advice: Advice, test_part) -> float:

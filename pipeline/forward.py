@@ -165,8 +165,8 @@ def _joined(parts: list[Batch], pin_memory: bool) -> Batch:
         return parts[0]
     decoded = [part.pixels for part in parts if part.pixels is not None]
     pixels = None
-    if decoded:
-        pixels = torch.cat(decoded).contiguous(memory_format=torch.channels_last)
+    if decoded:  # torch.cat keeps the chunks' channels-last strides; one chunk is not copied
+        pixels = decoded[0] if len(decoded) == 1 else torch.cat(decoded)
         if pin_memory:
             pixels = pixels.pin_memory()
     return Batch([p for part in parts for p in part.positions], [p for part in parts for p in part.good],
