@@ -99,6 +99,42 @@ def test_multi_tap_pass_equals_single_tap_passes(arch):
             torch.testing.assert_close(alone[tap.node], together[tap.node], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("arch", ["efficientnet_lite0", "resnet18", "vgg11", "mobilenet_v3_small", "convnext_tiny",
+                                  "densenet121"])
+def test_taps_on_modules_give_the_traced_graphs_numbers_without_running_past_the_deepest(arch):
+    """Taps that name modules (the presets, but for ``flatten`` and DenseNet's final
+    ``relu``) are read by hooks on the network as it is; every value equals the torch.fx
+    feature extractor's, and nothing after the deepest tap runs."""
+    import timm.models
+    import torchvision.models.feature_extraction
+
+    spec = resolve_model(arch, weights=None if arch == "efficientnet_lite0" else "none")
+    model = spec.build()
+    modules = dict(model.named_modules())
+    taps = [tap for tap in resolve_taps(spec, ["early", "mid", "late", "penultimate", "logits"])
+            if tap.node in modules]
+    create = (timm.models.create_feature_extractor if spec.source in ("timm", "embedded")
+              else torchvision.models.feature_extraction.create_feature_extractor)
+    traced = create(model, return_nodes={tap.node: tap.node for tap in taps}).eval()
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = traced(x)
+        hooked = build_tap_extractor(spec, model, taps)
+        assert not isinstance(hooked, torch.fx.GraphModule)
+        got = hooked(x)
+        assert set(got) == set(expected)
+        for node in expected:
+            torch.testing.assert_close(got[node], expected[node], rtol=0, atol=0)
+        calls = []
+        early = taps[0]  # after it, the classifier must not run
+        last = list(modules)[-1]
+        handle = modules[last].register_forward_hook(lambda *_: calls.append(last))
+        build_tap_extractor(spec, model, [early])(x)
+        handle.remove()
+    assert calls == []
+    assert not model._forward_hooks and not any(m._forward_hooks for m in modules.values())
+
+
 def test_missing_weights_say_where_to_put_the_file(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(TlpInputError, match=r"put resnet18-f37072fd\.pth .* at .*checkpoints"):
