@@ -16,15 +16,13 @@ the crops extraction would make.
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from .device import autocast, tune_cpu_allocator
+from .device import autocast, image_threads, tune_cpu_allocator
 from .errors import ImageDecodeError
 from .folding import fold_batchnorm
 from .images import DEFAULT_MAX_PIXELS
@@ -129,12 +127,13 @@ def batches(prepare: Callable, n: int, *, batch_size: int, workers: int = 0,
     ``workers=0`` decodes each batch with a thread per core in this process, *between*
     forward passes: on a CPU the forward pass already keeps every core busy, and decoding
     processes running beside it make its OpenMP threads wait on each other (PIL and
-    torch's resize release the GIL, so the threads use every core). ``workers > 0``
+    torch's resize release the GIL, so the threads use every core; each runs torch on one
+    thread: see :func:`tlp.device.image_threads`). ``workers > 0``
     uses DataLoader processes, which overlap decoding with a GPU's work; each decodes
     chunks of a batch (:data:`WORKER_CHUNK` images at most), joined here into the batch.
     """
     if workers == 0:
-        with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool_:
+        with image_threads() as pool_:
             for start in range(0, n, batch_size):
                 positions = range(start, min(start + batch_size, n))
                 yield _batch(positions, list(pool_.map(prepare, positions)))

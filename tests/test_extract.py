@@ -8,6 +8,7 @@ import shutil
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from tlp import FeatureFile, extract
 from tlp.cli import main
@@ -270,3 +271,24 @@ def test_rows_do_not_depend_on_which_images_share_their_batch(tmp_path):
                 np.testing.assert_array_equal(a.load(layer)[[rows[p] for p in b.paths]], b.load(layer))
     finally:
         torch.set_num_threads(threads)
+
+
+def test_image_threads_run_torch_on_one_thread_each_and_leave_the_callers_count():
+    """The decoding/augmenting threads must not start OpenMP teams of their own that spin
+    into the forward pass or training step; the caller's count stays what it was, also for
+    threads started afterwards."""
+    import threading
+
+    from tlp.device import image_threads
+
+    before = torch.get_num_threads()
+    with image_threads(2) as pool:
+        inside = {pool.submit(torch.get_num_threads).result() for _ in range(4)}
+        during = torch.get_num_threads()
+    later = []
+    thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    if "parallel backend: OpenMP" in torch.__config__.parallel_info():
+        assert inside == {1}
+    assert (during, torch.get_num_threads(), later) == (before, before, [before])

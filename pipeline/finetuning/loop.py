@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 from ..dataset import Dataset
-from ..device import autocast, default_workers, resolve_device, resolve_precision, tune_cpu_allocator
+from ..device import autocast, default_workers, image_threads, resolve_device, resolve_precision, tune_cpu_allocator
 from ..errors import TlpInputError
 from ..files import fingerprint, remove_orphans
 from ..forward import Forward
@@ -327,7 +326,7 @@ def train(parts: Parts, settings: FinetuneSettings, recipe: Recipe, *, out: Path
     timings = {"setup_seconds": time.perf_counter() - started}
 
     train_started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool, \
+    with image_threads() as pool, \
             synced_norms(network.model, network.frozen_norms, ranks):
         run = _Run(network=network, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                    criterion=nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing),
